@@ -1,0 +1,48 @@
+/**
+ * The op table as the core sees it. The native addon implements it for CPU and CUDA; a layer
+ * hands one to the program, so nothing in src/core depends on native code and any backend
+ * (a mock in tests) can stand in.
+ */
+export type BufferId = number
+
+export interface MemoryStats {
+  /** Bytes held by live buffers. */
+  readonly inUse: number
+  /** Most bytes held at once since the device was created or its peak was reset. */
+  readonly peak: number
+  /** The device's limit in bytes; 0 where only the hardware limits it. */
+  readonly capacity: number
+  /** Live buffers. */
+  readonly count: number
+}
+
+export interface Backend {
+  readonly platform: "cpu" | "cuda"
+  readonly deviceCount: number
+  /** Throws DeviceOutOfMemory when the device cannot hold `bytes` more. */
+  alloc(device: number, bytes: number): BufferId
+  free(id: BufferId): void
+  write(id: BufferId, offset: number, data: ArrayBufferView): void
+  read(id: BufferId, offset: number, length: number, out?: ArrayBufferView): Uint8Array
+  copy(dst: BufferId, dstOffset: number, src: BufferId, srcOffset: number, bytes: number): void
+  stats(device: number): MemoryStats
+  resetPeak(device: number): void
+  synchronize(device: number): void
+  hasOp(op: string): boolean
+  /** Runs (on CUDA: enqueues) one op over buffers with numeric arguments. */
+  exec(op: string, buffers: ReadonlyArray<BufferId>, args: ReadonlyArray<number>): void
+  /** Copies a box between two host arrays (see boxArgs). */
+  hostCopyBox(src: ArrayBufferView, dst: ArrayBufferView, elemSize: number, box: ReadonlyArray<number>): void
+}
+
+/**
+ * The argument list of a box copy: rank, source shape, source start, destination shape,
+ * destination start, box shape.
+ */
+export const boxArgs = (
+  srcShape: ReadonlyArray<number>,
+  srcStart: ReadonlyArray<number>,
+  dstShape: ReadonlyArray<number>,
+  dstStart: ReadonlyArray<number>,
+  box: ReadonlyArray<number>,
+): number[] => [srcShape.length, ...srcShape, ...srcStart, ...dstShape, ...dstStart, ...box]

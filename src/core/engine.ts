@@ -1,0 +1,84 @@
+/**
+ * The engine: a backend plus the bookkeeping of which arrays are alive. Arrays made inside
+ * `tidy(fn)` are disposed when fn returns, except those reachable from its result (the pattern
+ * of tf.tidy), so a step's temporaries never outlive the step.
+ */
+import type { Backend, BufferId } from "./backend.ts"
+
+/** Anything the engine can dispose at the end of a tidy block. */
+export interface Disposable {
+  dispose(): void
+  readonly isDisposed: boolean
+}
+
+export class Engine {
+  private readonly arenas: Array<Set<Disposable>> = []
+
+  constructor(readonly backend: Backend) {}
+
+  get platform(): "cpu" | "cuda" {
+    return this.backend.platform
+  }
+
+  /** Records a new array in the innermost tidy block, if any. */
+  track<T extends Disposable>(d: T): T {
+    this.arenas[this.arenas.length - 1]?.add(d)
+    return d
+  }
+
+  /** Moves an array out of the innermost tidy block: it will outlive it. */
+  keep<T extends Disposable>(d: T): T {
+    const n = this.arenas.length
+    if (n > 0) {
+      this.arenas[n - 1]!.delete(d)
+      this.arenas[n - 2]?.add(d)
+    }
+    return d
+  }
+
+  /**
+   * Runs fn; disposes every array it created that its result does not reach. On failure
+   * everything it created is disposed.
+   */
+  tidy<T>(fn: () => T, keepAlive?: (result: T) => Iterable<Disposable>): T {
+    const arena = new Set<Disposable>()
+    this.arenas.push(arena)
+    let result: T
+    try {
+      result = fn()
+    } catch (e) {
+      this.arenas.pop()
+      for (const d of arena) if (!d.isDisposed) d.dispose()
+      throw e
+    }
+    this.arenas.pop()
+    const kept = new Set<Disposable>(keepAlive ? keepAlive(result) : reachable(result))
+    const parent = this.arenas[this.arenas.length - 1]
+    for (const d of arena) {
+      if (kept.has(d)) parent?.add(d)
+      else if (!d.isDisposed) d.dispose()
+    }
+    return result
+  }
+
+  allocate(device: number, bytes: number): BufferId {
+    return this.backend.alloc(device, bytes)
+  }
+}
+
+const isDisposable = (x: unknown): x is Disposable =>
+  typeof x === "object" && x !== null && typeof (x as Disposable).dispose === "function" && "isDisposed" in x
+
+/** Disposables found by walking arrays, maps and plain objects. */
+export function* reachable(x: unknown, seen = new Set<unknown>()): Generator<Disposable> {
+  if (x === null || typeof x !== "object" || seen.has(x)) return
+  seen.add(x)
+  if (isDisposable(x)) {
+    yield x
+    return
+  }
+  if (Array.isArray(x)) for (const v of x) yield* reachable(v, seen)
+  else if (x instanceof Map) for (const v of x.values()) yield* reachable(v, seen)
+  else if (Object.getPrototypeOf(x) === Object.prototype)
+    for (const v of Object.values(x)) yield* reachable(v, seen)
+}

@@ -1,0 +1,128 @@
+// The native side of the op table: a backend owns per-device memory (a checked buffer table)
+// and runs named ops over buffers. CPU and CUDA implement it; binding.cc exposes it to JS.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "error.h"
+
+namespace magix {
+
+struct BufRef {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  int device = 0;
+  template <typename T> T* as() const { return static_cast<T*>(ptr); }
+};
+
+struct DeviceStats {
+  size_t in_use = 0, peak = 0, capacity = 0, count = 0, reserved = 0;
+};
+
+class Backend;
+
+// What one op call sees: its buffers (already looked up and live), its numeric arguments,
+// and the backend (for the CUDA stream of a device).
+struct OpCtx {
+  Backend& backend;
+  std::vector<BufRef> bufs;
+  const double* args;
+  size_t nargs;
+  const std::string& name;
+
+  const BufRef& buf(size_t i) const {
+    check(i < bufs.size(), name + ": missing buffer " + std::to_string(i));
+    return bufs[i];
+  }
+  double f(size_t i) const {
+    check(i < nargs, name + ": missing argument " + std::to_string(i));
+    return args[i];
+  }
+  int64_t i(size_t k) const {
+    double v = f(k);
+    check(v == static_cast<double>(static_cast<int64_t>(v)), name + ": argument " + std::to_string(k) + " must be an integer");
+    return static_cast<int64_t>(v);
+  }
+  // A non-negative size argument.
+  size_t n(size_t k) const {
+    int64_t v = i(k);
+    check(v >= 0, name + ": argument " + std::to_string(k) + " must be non-negative");
+    return static_cast<size_t>(v);
+  }
+  // Fails unless buffer i holds at least `elems` elements of `elem_size` bytes: no kernel
+  // reads or writes past a buffer.
+  const BufRef& need(size_t i, size_t elems, size_t elem_size) const {
+    const BufRef& b = buf(i);
+    if (elem_size != 0 && elems > b.bytes / elem_size)
+      invalid(name + ": buffer " + std::to_string(i) + " holds " + std::to_string(b.bytes) + " bytes, needs " +
+              std::to_string(elems * elem_size));
+    return b;
+  }
+};
+
+using OpFn = void (*)(OpCtx&);
+
+// Ops register themselves by name at load time, one table per backend kind.
+std::map<std::string, OpFn>& op_registry(const std::string& kind);
+struct OpRegistration {
+  OpRegistration(const char* kind, const char* name, OpFn fn) { op_registry(kind)[name] = fn; }
+};
+#define MAGIX_OP_CAT2(a, b) a##b
+#define MAGIX_OP_CAT(a, b) MAGIX_OP_CAT2(a, b)
+#define MAGIX_REGISTER_OP(kind, name, fn) \
+  static ::magix::OpRegistration MAGIX_OP_CAT(magix_op_reg_, __COUNTER__)(kind, name, fn)
+
+class Backend {
+ public:
+  explicit Backend(std::string kind, int devices);
+  virtual ~Backend();
+
+  const std::string& kind() const { return kind_; }
+  int device_count() const { return static_cast<int>(stats_.size()); }
+
+  uint64_t alloc(int device, size_t bytes);
+  void free(uint64_t id);
+  void free_all();
+  BufRef lookup(uint64_t id) const;
+  DeviceStats stats(int device) const;
+  void reset_peak(int device);
+  void set_capacity(int device, size_t bytes);
+
+  virtual void write(const BufRef& dst, size_t offset, const void* src, size_t n) = 0;
+  virtual void read(const BufRef& src, size_t offset, void* dst, size_t n) = 0;
+  virtual void copy(const BufRef& dst, size_t dst_off, const BufRef& src, size_t src_off, size_t n) = 0;
+  virtual void synchronize(int device) = 0;
+
+  const std::vector<std::string>& op_names() const { return op_names_; }
+  void exec(size_t opcode, const std::vector<uint64_t>& ids, const double* args, size_t nargs);
+
+ protected:
+  virtual void* raw_alloc(int device, size_t bytes) = 0;
+  virtual void raw_free(int device, void* ptr, size_t bytes) = 0;
+  // Bytes the device can still give, for out-of-memory reports; 0 where unknown.
+  virtual size_t device_free(int device) const { (void)device; return 0; }
+  void check_device(int device) const;
+
+ private:
+  struct Entry {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    int device = 0;
+    uint32_t gen = 0;
+    bool live = false;
+  };
+  std::string kind_;
+  std::vector<Entry> table_;
+  std::vector<uint32_t> free_slots_;
+  std::vector<DeviceStats> stats_;
+  std::vector<std::string> op_names_;
+  std::vector<OpFn> op_fns_;
+  mutable std::mutex mu_;
+};
+
+}  // namespace magix
