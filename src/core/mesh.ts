@@ -97,9 +97,9 @@ export class Mesh {
     for (let p = 0; p < this.size; p++) {
       const c = this.coords(p)
       const key = c.map((v, i) => (axisIdx.has(i) ? "*" : String(v))).join(",")
-      let g = byKey.get(key)
-      if (!g) byKey.set(key, (g = []))
-      g.push(p)
+      const g = byKey.get(key)
+      if (g) g.push(p)
+      else byKey.set(key, [p])
     }
     return [...byKey.values()].map((g) =>
       g.sort((a, b) => this.indexAlong(a, axes) - this.indexAlong(b, axes)),
