@@ -150,3 +150,45 @@ export const fromBFloat16 = (bits: number): number => {
   const u = new Uint32Array([(bits & 0xffff) << 16])
   return new Float32Array(u.buffer)[0]!
 }
+
+const f16ToF32 = (h: number): number => {
+  const sign = h & 0x8000 ? -1 : 1
+  const exp = (h >>> 10) & 0x1f
+  const mant = h & 0x3ff
+  if (exp === 0) return sign * mant * 2 ** -24
+  if (exp === 0x1f) return mant ? Number.NaN : sign * Number.POSITIVE_INFINITY
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15)
+}
+
+/**
+ * Converts a host array between floating dtypes (file dtype to parameter dtype). bfloat16 to
+ * float32 is exact; float32 to bfloat16 rounds to nearest even.
+ */
+export const convertHost = (src: ArrayBufferView, from: DType, to: DType): HostArray => {
+  const input = hostArrayView(from, bytesOf(src))
+  if (from === to) return input
+  const n = input.length
+  const out = hostArray(to, n)
+  if (from === "bfloat16" && (to === "float32" || to === "float64")) {
+    const bits = new Uint32Array(n)
+    for (let i = 0; i < n; i++) bits[i] = (input as Uint16Array)[i]! << 16
+    const f = new Float32Array(bits.buffer)
+    if (to === "float32") return f
+    ;(out as Float64Array).set(f)
+    return out
+  }
+  if (to === "bfloat16") {
+    const o = out as Uint16Array
+    for (let i = 0; i < n; i++)
+      o[i] = toBFloat16(from === "float16" ? f16ToF32((input as Uint16Array)[i]!) : Number(input[i]))
+    return out
+  }
+  if (from === "float16") {
+    for (let i = 0; i < n; i++) (out as Float32Array)[i] = f16ToF32((input as Uint16Array)[i]!)
+    return out
+  }
+  if (!isFloating(from) || !isFloating(to))
+    throw new Error(`convertHost: ${from} to ${to} is not a float conversion`)
+  ;(out as Float32Array | Float64Array).set(input as Float32Array | Float64Array)
+  return out
+}

@@ -3,18 +3,47 @@
  * `tidy(fn)` are disposed when fn returns, except those reachable from its result (the pattern
  * of tf.tidy), so a step's temporaries never outlive the step.
  */
+
+import type { Tape } from "./autodiff.ts"
 import type { Backend, BufferId } from "./backend.ts"
+import { type CollectiveBackend, Collectives } from "./collectives.ts"
 
 /** Anything the engine can dispose at the end of a tidy block. */
 export interface Disposable {
   dispose(): void
   readonly isDisposed: boolean
+  /** Other disposables this one needs alive (a view's base). */
+  dependencies?(): Iterable<Disposable>
 }
 
 export class Engine {
-  private readonly arenas: Array<Set<Disposable>> = []
+  // null marks an untracked region: arrays made there belong to no tidy block.
+  private readonly arenas: Array<Set<Disposable> | null> = []
+  readonly collectives: Collectives
+  /** The tape ops record onto while a gradient is being taken (see autodiff.ts). */
+  tape: Tape | undefined
 
-  constructor(readonly backend: Backend) {}
+  private current: Backend
+
+  constructor(backend: Backend, comms?: CollectiveBackend) {
+    this.current = backend
+    this.collectives = new Collectives(comms)
+  }
+
+  get backend(): Backend {
+    return this.current
+  }
+
+  /** Runs fn with every backend call going to `backend` (jit records a step this way). */
+  withBackend<T>(backend: Backend, fn: () => T): T {
+    const prev = this.current
+    this.current = backend
+    try {
+      return fn()
+    } finally {
+      this.current = prev
+    }
+  }
 
   get platform(): "cpu" | "cuda" {
     return this.backend.platform
@@ -26,11 +55,21 @@ export class Engine {
     return d
   }
 
+  /** Runs fn with no tidy block in effect: what it makes lives until disposed explicitly. */
+  untracked<T>(fn: () => T): T {
+    this.arenas.push(null)
+    try {
+      return fn()
+    } finally {
+      this.arenas.pop()
+    }
+  }
+
   /** Moves an array out of the innermost tidy block: it will outlive it. */
   keep<T extends Disposable>(d: T): T {
     const n = this.arenas.length
     if (n > 0) {
-      this.arenas[n - 1]!.delete(d)
+      this.arenas[n - 1]?.delete(d)
       this.arenas[n - 2]?.add(d)
     }
     return d
@@ -52,7 +91,11 @@ export class Engine {
       throw e
     }
     this.arenas.pop()
-    const kept = new Set<Disposable>(keepAlive ? keepAlive(result) : reachable(result))
+    const kept = new Set<Disposable>()
+    for (const d of keepAlive ? keepAlive(result) : reachable(result)) {
+      kept.add(d)
+      for (const dep of d.dependencies?.() ?? []) kept.add(dep)
+    }
     const parent = this.arenas[this.arenas.length - 1]
     for (const d of arena) {
       if (kept.has(d)) parent?.add(d)

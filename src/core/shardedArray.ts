@@ -24,6 +24,8 @@ export class HostDataMismatch extends Schema.TaggedError<HostDataMismatch>()("Ho
 
 export class ShardedArray implements Disposable {
   private disposed = false
+  /** Set on arrays known to hold one value everywhere (the seed cotangent 1), so ops can skip reading them. */
+  constant: number | undefined
 
   constructor(
     readonly engine: Engine,
@@ -33,6 +35,8 @@ export class ShardedArray implements Disposable {
     /** One buffer per mesh position, in mesh order. */
     readonly buffers: ReadonlyArray<BufferId>,
     readonly partial: ReadonlyArray<string> = [],
+    /** Set on a view: the array whose buffers this one reinterprets (and which must outlive it). */
+    readonly base?: ShardedArray,
   ) {
     engine.track(this)
   }
@@ -61,17 +65,26 @@ export class ShardedArray implements Disposable {
     return this.disposed
   }
 
-  /** Frees every buffer now; later use of the array is a bug. Idempotent. */
+  /** Frees every buffer now (a view frees nothing); later use of the array is a bug. Idempotent. */
   dispose(): void {
     if (this.disposed) return
     this.disposed = true
-    for (const b of this.buffers) this.engine.backend.free(b)
+    if (!this.base) for (const b of this.buffers) this.engine.backend.free(b)
   }
 
   /** The buffer at a mesh position, checked alive. */
   buffer(position: number): BufferId {
-    if (this.disposed) throw new Error(`use of a disposed array ${formatShape(this.shape)}`)
+    if (this.disposed || this.base?.isDisposed)
+      throw new Error(`use of a disposed array ${formatShape(this.shape)}`)
     return this.buffers[position]!
+  }
+
+  /** What must stay alive for this array to be usable. */
+  *dependencies(): Generator<ShardedArray> {
+    if (this.base) {
+      yield this.base
+      yield* this.base.dependencies()
+    }
   }
 
   toString(): string {
@@ -104,11 +117,57 @@ export const allocateArray = (
 
 const describe = (a: ArrayBufferView) => `${a.constructor.name} of ${a.byteLength} bytes`
 
+/** Mesh positions grouped by the block they hold (replicas share a group). */
+export const slicesByBlock = (
+  sharding: NamedSharding,
+  shape: Shape,
+): Array<{ slice: Slice; positions: number[] }> => {
+  const groups = new Map<string, { slice: Slice; positions: number[] }>()
+  for (let p = 0; p < sharding.mesh.size; p++) {
+    const slice = sharding.slice(p, shape)
+    const key = sliceKey(slice)
+    const g = groups.get(key)
+    if (g) g.positions.push(p)
+    else groups.set(key, { slice, positions: [p] })
+  }
+  return [...groups.values()]
+}
+
 /**
- * Builds an array from host data, one callback per distinct slice (jax.make_array_from_callback):
- * `data(slice)` returns that block, row-major, in the array's dtype. Each device receives only
- * its own block.
+ * Builds an array from host data produced one distinct block at a time (each device receives
+ * only its own block; replicas share one read). `read(slice)` yields that block, row-major, in
+ * `dtype`. Only one block is held on the host at a time.
  */
+export const makeArrayFromSlices = <E, R>(
+  engine: Engine,
+  shape: Shape,
+  dtype: DType,
+  sharding: NamedSharding,
+  read: (slice: Slice) => Effect.Effect<ArrayBufferView, E, R>,
+  name = "array",
+): Effect.Effect<ShardedArray, ShardingError | HostDataMismatch | E, R> =>
+  Effect.gen(function* () {
+    yield* sharding.validate(shape, name)
+    const arr = allocateArray(engine, shape, dtype, sharding)
+    const bytes = arr.bytesPerDevice
+    return yield* Effect.gen(function* () {
+      for (const { slice, positions } of slicesByBlock(sharding, shape)) {
+        const block = yield* read(slice)
+        if (block.byteLength !== bytes)
+          return yield* new HostDataMismatch({
+            what: `${name}: block at ${formatShape(slice.offsets)} of shape ${formatShape(slice.shape)}`,
+            expected: `${bytes} bytes of ${dtype}`,
+            got: describe(block),
+          })
+        for (const p of positions) engine.backend.write(arr.buffer(p), 0, block)
+      }
+      return arr
+    }).pipe(
+      Effect.onExit((exit) => (exit._tag === "Failure" ? Effect.sync(() => arr.dispose()) : Effect.void)),
+    )
+  })
+
+/** makeArrayFromSlices with a synchronous callback (jax.make_array_from_callback). */
 export const makeArrayFromCallback = (
   engine: Engine,
   shape: Shape,
@@ -117,41 +176,7 @@ export const makeArrayFromCallback = (
   data: (slice: Slice) => ArrayBufferView,
   name = "array",
 ): Effect.Effect<ShardedArray, ShardingError | HostDataMismatch> =>
-  Effect.gen(function* () {
-    yield* sharding.validate(shape, name)
-    const arr = allocateArray(engine, shape, dtype, sharding)
-    const bytes = arr.bytesPerDevice
-    const blocks = new Map<string, ArrayBufferView>()
-    let mismatch: HostDataMismatch | undefined
-    try {
-      for (let p = 0; p < sharding.mesh.size && !mismatch; p++) {
-        const slice = sharding.slice(p, shape)
-        const key = sliceKey(slice)
-        let block = blocks.get(key)
-        if (!block) {
-          block = data(slice)
-          if (block.byteLength !== bytes) {
-            mismatch = new HostDataMismatch({
-              what: `${name}: block at ${formatShape(slice.offsets)} of shape ${formatShape(slice.shape)}`,
-              expected: `${bytes} bytes of ${dtype}`,
-              got: describe(block),
-            })
-            break
-          }
-          blocks.set(key, block)
-        }
-        engine.backend.write(arr.buffer(p), 0, block)
-      }
-    } catch (e) {
-      arr.dispose()
-      throw e
-    }
-    if (mismatch) {
-      arr.dispose()
-      return yield* mismatch
-    }
-    return arr
-  })
+  makeArrayFromSlices(engine, shape, dtype, sharding, (s) => Effect.sync(() => data(s)), name)
 
 /** Copies the block `box` (global offsets/shape) of a row-major host array into a new host array. */
 export const sliceHost = (
@@ -280,19 +305,11 @@ export const copyOverlaps = (src: ShardedArray, dst: ShardedArray): void => {
   const esize = itemSize(src.dtype)
   const srcLocal = src.localShape
   const dstLocal = dst.localShape
-  // One representative position per distinct source block, and which devices hold each.
-  const blocks = new Map<string, { slice: Slice; positions: number[] }>()
-  for (let p = 0; p < src.mesh.size; p++) {
-    const slice = src.sharding.slice(p, src.shape)
-    const key = sliceKey(slice)
-    const entry = blocks.get(key)
-    if (entry) entry.positions.push(p)
-    else blocks.set(key, { slice, positions: [p] })
-  }
+  const blocks = slicesByBlock(src.sharding, src.shape)
   for (let q = 0; q < dst.mesh.size; q++) {
     const want = dst.sharding.slice(q, dst.shape)
     const device = dst.mesh.devices[q]!
-    for (const { slice, positions } of blocks.values()) {
+    for (const { slice, positions } of blocks) {
       const box = intersect(slice, want)
       if (!box) continue
       const from = positions.find((p) => src.mesh.devices[p] === device) ?? positions[0]!

@@ -1,0 +1,155 @@
+/**
+ * Reverse-mode autodiff over a tape of coarse ops. While `valueAndGrad` runs a function, every op
+ * whose inputs depend on the parameters records a node: its inputs, outputs, and a backward rule
+ * from output cotangents to input cotangents. The backward pass walks the tape in reverse.
+ *
+ * Cotangents are sharded arrays too, in whatever layout an op's backward rule produces: a matmul
+ * contracting a dimension split over an axis yields a cotangent partial over that axis. Layouts
+ * are reconciled only where needed (compute ops normalise the cotangent they receive; parameter
+ * gradients are converted to the parameter's sharding), which is exactly where data parallelism
+ * needs its all-reduce and FSDP its reduce-scatter. The cotangent of an array that is partial
+ * over some axes is replicated over them: every rank's partial value has the same derivative.
+ */
+import type { Engine } from "./engine.ts"
+import { add, fillArray } from "./ops/elementwise.ts"
+import type { ShardedArray } from "./shardedArray.ts"
+import { isShardedArray } from "./shardedArray.ts"
+import { flattenWithPath, mapWithPath, type Tree } from "./tree.ts"
+
+export interface TapeNode {
+  readonly name: string
+  /** Inputs the backward rule produces cotangents for, in order (undefined entries are constants). */
+  readonly inputs: ReadonlyArray<ShardedArray | undefined>
+  readonly outputs: ReadonlyArray<ShardedArray>
+  /** Cotangents of the inputs (undefined where zero or not needed), given those of the outputs. */
+  backward(cotangents: ReadonlyArray<ShardedArray | undefined>): ReadonlyArray<ShardedArray | undefined>
+}
+
+export class Tape {
+  readonly nodes: TapeNode[] = []
+  /** Arrays that depend on a differentiated input. */
+  readonly tracked = new Set<ShardedArray>()
+
+  needsGrad(xs: ReadonlyArray<ShardedArray | undefined>): boolean {
+    return xs.some((x) => x !== undefined && this.tracked.has(x))
+  }
+}
+
+/**
+ * Records a node if a gradient is being taken and one of its inputs depends on a differentiated
+ * input. Ops call this after computing their outputs.
+ */
+export const record = (engine: Engine, node: TapeNode): void => {
+  const tape = engine.tape
+  if (!tape || !tape.needsGrad(node.inputs)) return
+  tape.nodes.push(node)
+  for (const o of node.outputs) tape.tracked.add(o)
+}
+
+const sameLayout = (a: ShardedArray, b: ShardedArray) =>
+  a.spec.padTo(a.rank).equals(b.spec.padTo(b.rank)) &&
+  a.partial.length === b.partial.length &&
+  a.partial.every((x) => b.partial.includes(x))
+
+/** Adds a cotangent contribution for x into the map, reconciling layouts when they differ. */
+const accumulate = (
+  engine: Engine,
+  cts: Map<ShardedArray, ShardedArray>,
+  x: ShardedArray,
+  ct: ShardedArray,
+) => {
+  const prev = cts.get(x)
+  if (!prev) {
+    cts.set(x, ct)
+    return
+  }
+  if (sameLayout(prev, ct)) {
+    add(prev, ct, prev)
+    ct.dispose()
+    return
+  }
+  const a = engine.collectives.relayout(prev, x.spec)
+  const b = engine.collectives.relayout(ct, x.spec)
+  prev.dispose()
+  ct.dispose()
+  add(a, b, a)
+  b.dispose()
+  cts.set(x, a)
+}
+
+export interface ValueAndGrad<P> {
+  readonly value: ShardedArray
+  /** Gradients with the structure and shardings of the parameters. */
+  readonly grads: P
+}
+
+/**
+ * `valueAndGrad(f)(params, ...args)`: the value of f (a scalar array) and its gradient with
+ * respect to every array in `params`, each sharded like its parameter. Temporaries are freed
+ * before it returns.
+ */
+export const valueAndGrad =
+  <P extends Tree<ShardedArray>, A extends unknown[]>(f: (params: P, ...args: A) => ShardedArray) =>
+  (params: P, ...args: A): ValueAndGrad<P> => {
+    const leaves = flattenWithPath(params, isShardedArray).map(([, a]) => a)
+    if (leaves.length === 0) throw new Error("valueAndGrad: params holds no arrays")
+    const engine = leaves[0]!.engine
+    if (engine.tape) throw new Error("valueAndGrad: nested gradients are not supported")
+    return engine.tidy(() => {
+      const tape = new Tape()
+      for (const l of leaves) tape.tracked.add(l)
+      engine.tape = tape
+      let value: ShardedArray
+      try {
+        value = f(params, ...args)
+      } finally {
+        engine.tape = undefined
+      }
+      if (value.size !== 1)
+        throw new Error(`valueAndGrad: f must return a scalar, got shape [${value.shape.join(", ")}]`)
+      const cts = new Map<ShardedArray, ShardedArray>()
+      if (tape.tracked.has(value)) {
+        const seed = fillArray(engine, value.shape, value.dtype, value.sharding, 1)
+        seed.constant = 1
+        cts.set(value, seed)
+      }
+      // How many unprocessed nodes still use each array (as input, or as an output their
+      // backward rule may read): at zero an intermediate can be freed before the pass ends.
+      const users = new Map<ShardedArray, number>()
+      for (const n of tape.nodes)
+        for (const x of [...n.inputs, ...n.outputs]) if (x) users.set(x, (users.get(x) ?? 0) + 1)
+      const keep = new Set<ShardedArray>([...leaves, value])
+      for (let k = tape.nodes.length - 1; k >= 0; k--) {
+        const node = tape.nodes[k]!
+        const outCts = node.outputs.map((o) => cts.get(o))
+        if (outCts.some((c) => c !== undefined)) {
+          const inCts = node.backward(outCts)
+          node.inputs.forEach((x, i) => {
+            const ct = inCts[i]
+            if (x && ct && tape.tracked.has(x)) accumulate(engine, cts, x, ct)
+            else ct?.dispose()
+          })
+        }
+        for (const o of node.outputs) {
+          if (keep.has(o)) continue
+          cts.get(o)?.dispose()
+          cts.delete(o)
+        }
+        for (const x of [...node.inputs, ...node.outputs]) {
+          if (!x) continue
+          const left = users.get(x)! - 1
+          users.set(x, left)
+          // Only arrays made inside f (tracked, not parameters) are ours to free.
+          if (left === 0 && tape.tracked.has(x) && !keep.has(x) && !cts.has(x)) x.dispose()
+        }
+      }
+      const grads = mapWithPath(params, isShardedArray, (_, p) => {
+        const ct = cts.get(p)
+        if (!ct) return fillArray(engine, p.shape, p.dtype, p.sharding, 0)
+        const g = engine.collectives.relayout(ct, p.spec)
+        ct.dispose()
+        return g
+      }) as P
+      return { value: value!, grads }
+    })
+  }

@@ -1,0 +1,352 @@
+/**
+ * `jit(step, { donate })`: the first call runs the step while recording every backend call it
+ * makes (allocations, frees, ops, copies) into an op list; later calls replay that list with the
+ * new inputs' buffers substituted, skipping all TypeScript work (sharding decisions, the autodiff
+ * tape). Buffers the step allocates and frees are allocated and freed again on each replay (the
+ * device allocator caches them); buffers it keeps (results) are fresh per call; buffers it keeps
+ * but does not return (caches such as RoPE tables) are captured once and reused.
+ *
+ * Donated inputs may be updated in place (the optimizer writes parameters and moments where they
+ * are), so a step that returns them returns the same arrays. A replay needs inputs of the same
+ * shapes, dtypes and shardings as the traced call; a different layout is traced anew.
+ */
+import type { Effect } from "effect"
+import type { Backend, BufferId, MemoryStats } from "./backend.ts"
+import type { Engine } from "./engine.ts"
+import { attempt, type DeviceError } from "./errors.ts"
+import { isShardedArray, ShardedArray } from "./shardedArray.ts"
+import type { NamedSharding } from "./sharding.ts"
+
+type Call =
+  | { readonly kind: "alloc"; readonly slot: number; readonly device: number; readonly bytes: number }
+  | { readonly kind: "free"; readonly slot: number }
+  | {
+      readonly kind: "exec"
+      readonly op: string
+      readonly slots: number[]
+      readonly args: ReadonlyArray<number>
+    }
+  | {
+      readonly kind: "copy"
+      readonly dst: number
+      readonly dstOffset: number
+      readonly src: number
+      readonly srcOffset: number
+      readonly bytes: number
+    }
+  | { readonly kind: "write"; readonly slot: number; readonly offset: number; readonly data: Uint8Array }
+
+/**
+ * The buffers each op writes (indices into its buffer list): what jit checks donation against.
+ * An op missing here is assumed to write every buffer.
+ */
+const writes = (op: string, n: number): ReadonlyArray<number> => {
+  const fixed: Record<string, number[]> = {
+    matmul: [2],
+    embedding_fwd: [2],
+    embedding_bwd: [2],
+    rmsnorm_fwd: [2, 3],
+    rmsnorm_bwd: [4, 5],
+    rope: [3],
+    attention_fwd: [3, 4],
+    attention_bwd: [6, 7, 8],
+    glu_fwd: [2],
+    glu_bwd: [3, 4],
+    axpby: [1],
+    add: [2],
+    mul: [2],
+    fill: [0],
+    cast: [1],
+    copy_box: [1],
+    ce_fwd: [3, 4, 5],
+    ce_rescale: [2],
+    ce_lse: [2],
+    ce_rowloss: [4],
+    ce_bwd: [5, 6],
+    sum: [1],
+    sumsq: [1],
+  }
+  const f = fixed[op]
+  if (f) return f
+  const all = Array.from({ length: n }, (_, i) => i)
+  if (op === "adamw") return all.filter((i) => i === 0 || (i >= 2 && (i - 2) % 4 !== 1))
+  if (op === "all_gather" || op === "reduce_scatter") return all.slice(n / 2)
+  return all
+}
+
+export class DonationRequired extends Error {
+  constructor(readonly argument: string) {
+    super(`jit: the step updates ${argument} in place; list it in \`donate\``)
+  }
+}
+
+/** Records what a traced step asks of the backend, mapping buffer ids to slots. */
+class Recorder implements Backend {
+  readonly calls: Call[] = []
+  readonly slotOf = new Map<BufferId, number>()
+  readonly traced: BufferId[] = []
+  readonly freed = new Set<number>()
+  /** Input slots of arguments that were not donated, with the argument's name. */
+  readonly readOnly = new Map<number, string>()
+
+  constructor(private readonly inner: Backend) {}
+
+  get platform() {
+    return this.inner.platform
+  }
+  get deviceCount() {
+    return this.inner.deviceCount
+  }
+  slot(id: BufferId): number {
+    let s = this.slotOf.get(id)
+    if (s === undefined) {
+      s = this.traced.length
+      this.traced.push(id)
+      this.slotOf.set(id, s)
+    }
+    return s
+  }
+  alloc(device: number, bytes: number): BufferId {
+    const id = this.inner.alloc(device, bytes)
+    // A freed id can come back from the allocator: it starts a new slot.
+    this.slotOf.delete(id)
+    this.calls.push({ kind: "alloc", slot: this.slot(id), device, bytes })
+    return id
+  }
+  free(id: BufferId): void {
+    const slot = this.slot(id)
+    this.calls.push({ kind: "free", slot })
+    this.freed.add(slot)
+    this.inner.free(id)
+  }
+  write(id: BufferId, offset: number, data: ArrayBufferView): void {
+    const copy = new Uint8Array(data.byteLength)
+    copy.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
+    this.calls.push({ kind: "write", slot: this.slot(id), offset, data: copy })
+    this.inner.write(id, offset, data)
+  }
+  read(id: BufferId, _offset: number, length: number): Uint8Array {
+    throw new Error(
+      `jit: the step reads device memory (buffer ${id}, ${length} bytes) while it is traced; return the value instead`,
+    )
+  }
+  copy(dst: BufferId, dstOffset: number, src: BufferId, srcOffset: number, bytes: number): void {
+    this.calls.push({ kind: "copy", dst: this.slot(dst), dstOffset, src: this.slot(src), srcOffset, bytes })
+    this.inner.copy(dst, dstOffset, src, srcOffset, bytes)
+  }
+  exec(op: string, buffers: ReadonlyArray<BufferId>, args: ReadonlyArray<number>): void {
+    for (const i of writes(op, buffers.length)) {
+      const owner = this.readOnly.get(this.slot(buffers[i]!))
+      if (owner !== undefined) throw new DonationRequired(owner)
+    }
+    this.calls.push({ kind: "exec", op, slots: buffers.map((b) => this.slot(b)), args: [...args] })
+    this.inner.exec(op, buffers, args)
+  }
+  stats(device: number): MemoryStats {
+    return this.inner.stats(device)
+  }
+  resetPeak(device: number): void {
+    this.inner.resetPeak(device)
+  }
+  synchronize(device: number): void {
+    this.inner.synchronize(device)
+  }
+  hasOp(op: string): boolean {
+    return this.inner.hasOp(op)
+  }
+  hostCopyBox(
+    src: ArrayBufferView,
+    dst: ArrayBufferView,
+    elemSize: number,
+    box: ReadonlyArray<number>,
+  ): void {
+    this.inner.hostCopyBox(src, dst, elemSize, box)
+  }
+}
+
+const arraysOf = (x: unknown, out: ShardedArray[] = [], seen = new Set<unknown>()): ShardedArray[] => {
+  if (x === null || typeof x !== "object" || seen.has(x)) return out
+  seen.add(x)
+  if (isShardedArray(x)) out.push(x)
+  else if (Array.isArray(x)) for (const v of x) arraysOf(v, out, seen)
+  else if (Object.getPrototypeOf(x) === Object.prototype)
+    for (const v of Object.values(x)) arraysOf(v, out, seen)
+  return out
+}
+
+/** Rebuilds a result tree, replacing each array by f(array). */
+const rebuild = (x: unknown, f: (a: ShardedArray) => ShardedArray): unknown => {
+  if (isShardedArray(x)) return f(x)
+  if (Array.isArray(x)) return x.map((v) => rebuild(v, f))
+  if (x !== null && typeof x === "object" && Object.getPrototypeOf(x) === Object.prototype)
+    return Object.fromEntries(Object.entries(x).map(([k, v]) => [k, rebuild(v, f)]))
+  return x
+}
+
+const layoutKey = (args: ReadonlyArray<unknown>) =>
+  arraysOf(args)
+    .map(
+      (a) =>
+        `${a.shape.join("x")}:${a.dtype}:${a.sharding}:${a.partial.join("+")}:${a.mesh.devices.join(",")}`,
+    )
+    .join("|")
+
+interface Trace {
+  readonly key: string
+  readonly calls: ReadonlyArray<Call>
+  /** Slot of each input array's buffer at each position: inputSlots[i][p]. */
+  readonly inputSlots: ReadonlyArray<ReadonlyArray<number>>
+  /** Slots captured once and reused (allocated, never freed, not returned). */
+  readonly captured: ReadonlyMap<number, BufferId>
+  /** The traced result, as a template: arrays map to their slots per position. */
+  readonly template: unknown
+  readonly outputSlots: ReadonlyMap<ShardedArray, ReadonlyArray<number>>
+  /** Result arrays that are input arrays (donated, updated in place): index of the input. */
+  readonly outputInput: ReadonlyMap<ShardedArray, number>
+}
+
+export interface JitOptions {
+  /** Indices (or parameter names) of arguments whose arrays the step may update in place. */
+  readonly donate?: ReadonlyArray<number | string>
+  /** Layouts to give the result's arrays (Magix's out_shardings); converted inside the step. */
+  readonly outShardings?: ReadonlyArray<unknown>
+}
+
+/** Parameter names of a function, for `donate: ["params", "optState"]`. */
+const parameterNames = (f: (...a: never[]) => unknown): string[] => {
+  const src = f.toString()
+  const m = /^[^(]*\(([^)]*)\)/.exec(src) ?? /^\s*([A-Za-z_$][\w$]*)\s*=>/.exec(src)
+  return m
+    ? m[1]!.split(",").map((s) =>
+        s
+          .trim()
+          .replace(/[=:].*$/, "")
+          .trim(),
+      )
+    : []
+}
+
+export interface Jitted<A extends unknown[], R> {
+  (...args: A): Effect.Effect<R, DeviceError>
+  /** Number of traces so far (a new layout of the inputs traces again). */
+  readonly traces: number
+}
+
+export const jit = <A extends unknown[], R>(
+  step: (...args: A) => R,
+  options: JitOptions = {},
+): Jitted<A, R> => {
+  const names = parameterNames(step as (...a: never[]) => unknown)
+  const donated = new Set((options.donate ?? []).map((d) => (typeof d === "number" ? d : names.indexOf(d))))
+  if (donated.has(-1))
+    throw new Error(`jit: donate names ${options.donate} do not all name parameters of the step (${names})`)
+  const traces = new Map<string, Trace>()
+  let count = 0
+
+  const trace = (engine: Engine, args: A, key: string): R => {
+    const recorder = new Recorder(engine.backend)
+    const inputs = arraysOf(args)
+    const inputSlots = inputs.map((a) => a.buffers.map((b) => recorder.slot(b)))
+    args.forEach((arg, i) => {
+      if (donated.has(i)) return
+      for (const a of arraysOf(arg))
+        for (const b of a.buffers) recorder.readOnly.set(recorder.slot(b), names[i] ?? `argument ${i}`)
+    })
+    const result = engine.withBackend(recorder, () => engine.tidy(() => step(...args)))
+    const outputs = arraysOf(result)
+    const outputSlots = new Map(outputs.map((o) => [o, o.buffers.map((b) => recorder.slot(b))] as const))
+    const outputInput = new Map<ShardedArray, number>()
+    outputs.forEach((o) => {
+      const i = inputs.indexOf(o)
+      if (i >= 0) outputInput.set(o, i)
+    })
+    const resultSlots = new Set([...outputSlots.values()].flat())
+    const inputSet = new Set(inputSlots.flat())
+    const captured = new Map<number, BufferId>()
+    for (const c of recorder.calls)
+      if (
+        c.kind === "alloc" &&
+        !recorder.freed.has(c.slot) &&
+        !resultSlots.has(c.slot) &&
+        !inputSet.has(c.slot)
+      )
+        captured.set(c.slot, recorder.traced[c.slot]!)
+    traces.set(key, {
+      key,
+      calls: recorder.calls.filter(
+        (c) => !("slot" in c && captured.has(c.slot) && (c.kind === "alloc" || c.kind === "write")),
+      ),
+      inputSlots,
+      captured,
+      template: result,
+      outputSlots,
+      outputInput,
+    })
+    count++
+    return result
+  }
+
+  const replay = (engine: Engine, t: Trace, args: A): R => {
+    const backend = engine.backend
+    const inputs = arraysOf(args)
+    const ids = new Map<number, BufferId>(t.captured)
+    t.inputSlots.forEach((slots, i) => {
+      slots.forEach((s, p) => {
+        ids.set(s, inputs[i]!.buffers[p]!)
+      })
+    })
+    const id = (s: number) => {
+      const v = ids.get(s)
+      if (v === undefined) throw new Error(`jit: replay reached slot ${s} before it was allocated`)
+      return v
+    }
+    const live: BufferId[] = []
+    try {
+      for (const c of t.calls) {
+        switch (c.kind) {
+          case "alloc": {
+            const b = backend.alloc(c.device, c.bytes)
+            ids.set(c.slot, b)
+            live.push(b)
+            break
+          }
+          case "free":
+            backend.free(id(c.slot))
+            ids.delete(c.slot)
+            break
+          case "exec":
+            backend.exec(c.op, c.slots.map(id), c.args)
+            break
+          case "copy":
+            backend.copy(id(c.dst), c.dstOffset, id(c.src), c.srcOffset, c.bytes)
+            break
+          case "write":
+            backend.write(id(c.slot), c.offset, c.data)
+            break
+        }
+      }
+    } catch (e) {
+      // A failed replay frees what it allocated and has not handed out.
+      for (const [s, b] of ids) if (live.includes(b) && !t.inputSlots.flat().includes(s)) backend.free(b)
+      throw e
+    }
+    return rebuild(t.template, (o) => {
+      const i = t.outputInput.get(o)
+      if (i !== undefined) return inputs[i]!
+      const slots = t.outputSlots.get(o)!
+      return new ShardedArray(engine, o.shape, o.dtype, o.sharding as NamedSharding, slots.map(id), o.partial)
+    }) as R
+  }
+
+  const jitted = (...args: A) =>
+    attempt(() => {
+      const first = arraysOf(args)[0]
+      if (!first) throw new Error("jit: the step takes no arrays")
+      const engine = first.engine
+      const key = layoutKey(args)
+      const t = traces.get(key)
+      return t ? replay(engine, t, args) : trace(engine, args, key)
+    })
+  Object.defineProperty(jitted, "traces", { get: () => count })
+  return jitted as Jitted<A, R>
+}

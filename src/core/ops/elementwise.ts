@@ -1,0 +1,72 @@
+/**
+ * Elementwise ops on arrays of one layout: fill, add (the residual connection), scale.
+ */
+import { record } from "../autodiff.ts"
+import { type DType, dtypeCode } from "../dtype.ts"
+import type { Engine } from "../engine.ts"
+import { numel, type Shape } from "../shape.ts"
+import { allocateArray, type ShardedArray } from "../shardedArray.ts"
+import type { NamedSharding } from "../sharding.ts"
+import { execEach, like } from "./local.ts"
+
+/** An array filled with one value. */
+export const fillArray = (
+  engine: Engine,
+  shape: Shape,
+  dtype: DType,
+  sharding: NamedSharding,
+  value: number,
+): ShardedArray => {
+  const out = allocateArray(engine, shape, dtype, sharding)
+  execEach(engine, out, "fill", (p) => [out.buffer(p)], [dtypeCode(dtype), numel(out.localShape), value])
+  return out
+}
+
+const sameLayout = (a: ShardedArray, b: ShardedArray) =>
+  a.spec.padTo(a.rank).equals(b.spec.padTo(b.rank)) &&
+  a.partial.length === b.partial.length &&
+  a.partial.every((x) => b.partial.includes(x))
+
+/**
+ * a + b. Both must have one shape; b is converted to a's layout when they differ. With `out`
+ * (which may be a), writes there and records nothing: an in-place update outside autodiff.
+ */
+export const add = (a: ShardedArray, b: ShardedArray, out?: ShardedArray): ShardedArray => {
+  if (a.shape.length !== b.shape.length || a.shape.some((d, i) => d !== b.shape[i]))
+    throw new Error(`add: shapes [${a.shape}] and [${b.shape}] differ`)
+  const engine = a.engine
+  const bb = sameLayout(a, b) ? b : engine.collectives.relayout(b, a.spec)
+  const aa = sameLayout(a, bb) ? a : engine.collectives.relayout(a, a.spec)
+  const result = out ?? like(aa)
+  const n = numel(aa.localShape)
+  execEach(engine, aa, "add", (p) => [aa.buffer(p), bb.buffer(p), result.buffer(p)], [dtypeCode(a.dtype), n])
+  if (bb !== b) bb.dispose()
+  if (aa !== a) aa.dispose()
+  if (!out)
+    record(engine, {
+      name: "add",
+      inputs: [a, b],
+      outputs: [result],
+      backward: ([ct]) => [ct, ct ? engine.collectives.clone(ct) : undefined],
+    })
+  return result
+}
+
+/** c·x. */
+export const scale = (x: ShardedArray, c: number): ShardedArray => {
+  const engine = x.engine
+  const out = like(x)
+  execEach(engine, x, "axpby", (p) => [x.buffer(p), out.buffer(p)], [
+    dtypeCode(x.dtype),
+    numel(x.localShape),
+    c,
+    0,
+  ])
+  record(engine, {
+    name: "scale",
+    inputs: [x],
+    outputs: [out],
+    backward: ([ct]) => [ct ? scale(ct, c) : undefined],
+  })
+  return out
+}
