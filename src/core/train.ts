@@ -1,0 +1,30 @@
+/**
+ * The train step as one traced program: loss and gradients by reverse mode, then the fused
+ * optimizer update written into the parameters and moments in place (they are donated).
+ */
+import { valueAndGrad } from "./autodiff.ts"
+import { jit } from "./jit.ts"
+import type { CausalLM, Params, TokenBatch } from "./models/decoder.ts"
+import { applyUpdates, type Optimizer, type OptState } from "./optim.ts"
+import type { ShardedArray } from "./shardedArray.ts"
+
+export interface StepResult {
+  readonly params: Params
+  readonly optState: OptState
+  /** The mean loss of the batch, a replicated scalar on the devices. */
+  readonly loss: ShardedArray
+}
+
+/** The loss and update of one batch, unjitted (for tests and for steps that change shape). */
+export const trainStepFn =
+  (model: CausalLM, optimizer: Optimizer) =>
+  (params: Params, optState: OptState, batch: TokenBatch): StepResult => {
+    const { value, grads } = valueAndGrad((p: Params) => model.loss(p, batch))(params)
+    applyUpdates(optimizer, params, grads, optState)
+    for (const g of Object.values(grads)) g.dispose()
+    return { params, optState, loss: value }
+  }
+
+/** The jitted train step: traced on the first batch of a shape, replayed after. */
+export const makeTrainStep = (model: CausalLM, optimizer: Optimizer) =>
+  jit(trainStepFn(model, optimizer), { donate: [0, 1] })

@@ -1,0 +1,83 @@
+/** Shared test helpers: layers for a CPU mesh with the fixture Hub, references, error norms. */
+import { join } from "node:path"
+import { Effect, Layer, type Scope } from "effect"
+import { makeMesh } from "../src/core/mesh.ts"
+import type { HostTokenBatch } from "../src/core/models/batch.ts"
+import { CpuRuntime, type Devices } from "../src/layers/Devices.ts"
+import { Hub } from "../src/layers/Hub.ts"
+import { openSafetensors } from "../src/layers/SafetensorsFile.ts"
+
+export const fixtures = join(import.meta.dirname, "fixtures")
+export const families = ["llama", "llama3", "mistral", "gemma"] as const
+export type Family = (typeof families)[number]
+
+/** Runs an effect on `devices` CPU devices with the fixture models as the Hub. */
+export const runCpu = <A, E>(
+  devices: number,
+  effect: Effect.Effect<A, E, Devices | Hub | Scope.Scope>,
+): Promise<A> =>
+  Effect.runPromise(
+    effect.pipe(
+      Effect.scoped,
+      Effect.provide(Layer.mergeAll(CpuRuntime({ devices }), Hub.localDirectory(join(fixtures, "hf")))),
+    ),
+  )
+
+export const mesh = (shape: number[], names = ["data", "model"]) =>
+  Effect.runSync(
+    makeMesh(
+      Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => i),
+      shape,
+      names,
+    ),
+  )
+
+/** ‖a − b‖ / ‖b‖, NaN-safe (NaN never passes). */
+export const relErr = (a: ArrayLike<number>, b: ArrayLike<number>): number => {
+  if (a.length !== b.length) return Number.POSITIVE_INFINITY
+  let num = 0
+  let den = 0
+  for (let i = 0; i < a.length; i++) {
+    const d = Number(a[i]) - Number(b[i])
+    num += d * d
+    den += Number(b[i]) ** 2
+  }
+  const r = Math.sqrt(num) / Math.sqrt(den)
+  return Number.isNaN(r) ? Number.POSITIVE_INFINITY : r
+}
+
+/** Every tensor of a safetensors file as host arrays (int64 as numbers). */
+export const readReference = (path: string) =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const f = yield* openSafetensors(path)
+      const out: Record<string, { shape: ReadonlyArray<number>; data: Float64Array }> = {}
+      for (const name of f.names) {
+        const data = yield* f.readTensor(name)
+        const entry = yield* f.entry(name)
+        out[name] = {
+          shape: entry.shape,
+          data: Float64Array.from(data as ArrayLike<number | bigint>, Number),
+        }
+      }
+      return out
+    }),
+  )
+
+/** The training batch of a family's reference: targets are the labels shifted left by one. */
+export const referenceBatch = (
+  ref: Record<string, { shape: ReadonlyArray<number>; data: Float64Array }>,
+): HostTokenBatch => {
+  const [B, T] = ref.input_ids!.shape as [number, number]
+  const labels = ref.labels!.data
+  const targets = new Int32Array(B * T).fill(-100)
+  for (let b = 0; b < B; b++) for (let t = 0; t < T - 1; t++) targets[b * T + t] = labels[b * T + t + 1]!
+  return {
+    batchSize: B,
+    length: T,
+    inputIds: Int32Array.from(ref.input_ids!.data),
+    positions: Int32Array.from(ref.position_ids!.data),
+    targets,
+    attentionMask: Uint8Array.from(ref.attention_mask!.data),
+  }
+}
