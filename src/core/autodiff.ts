@@ -46,6 +46,9 @@ export const record = (engine: Engine, node: TapeNode): void => {
   for (const o of node.outputs) tape.tracked.add(o)
 }
 
+/** Whether x's gradient is wanted (asked while recording: frozen weights are skipped in backward). */
+export const wantsGrad = (engine: Engine, x: ShardedArray): boolean => engine.tape?.tracked.has(x) ?? false
+
 const sameLayout = (a: ShardedArray, b: ShardedArray) =>
   a.spec.padTo(a.rank).equals(b.spec.padTo(b.rank)) &&
   a.partial.length === b.partial.length &&

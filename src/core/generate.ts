@@ -186,7 +186,7 @@ export const generate = (
               engine.backend.write(cache.keyMask.buffer(p), 0, block)
             }
           }
-          const hidden = model.forward(params, inputs, cache)
+          const hidden = model.forward(params, inputs, cache ? { cache } : {})
           const last = lastPosition(hidden)
           return toHost(model.logits(params, last))
         })

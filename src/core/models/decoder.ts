@@ -11,6 +11,7 @@ import { parameterShapes } from "../config.ts"
 import type { DType } from "../dtype.ts"
 import { itemSize } from "../dtype.ts"
 import type { Engine } from "../engine.ts"
+import type { LoraParams } from "../lora.ts"
 import type { Mesh } from "../mesh.ts"
 import { attention } from "../ops/attention.ts"
 import { crossEntropyLoss } from "../ops/crossEntropy.ts"
@@ -47,6 +48,17 @@ export interface KVCache {
   length: number
   readonly keyMask: ShardedArray
   readonly layers: Array<{ k: ShardedArray; v: ShardedArray } | undefined>
+}
+
+/** A LoRA adapter applied on the fly: y = x·Wᵀ + (alpha / r)·(x·Aᵀ)·Bᵀ. */
+export interface LoraAdapter {
+  readonly params: LoraParams
+  readonly alpha: number
+}
+
+export interface ForwardOptions {
+  readonly cache?: KVCache
+  readonly lora?: LoraAdapter
 }
 
 /** A training batch on the mesh: next-token targets (< 0 ignored) and per-token loss weights. */
@@ -176,7 +188,8 @@ export class CausalLM {
    * The final hidden states [B, T, D], after the last norm. With a cache, the tokens continue the
    * cached sequence: their keys and values are appended and attention reads the whole cache.
    */
-  forward(params: Params, inputs: DecoderInputs, cache?: KVCache): ShardedArray {
+  forward(params: Params, inputs: DecoderInputs, options: ForwardOptions = {}): ShardedArray {
+    const { cache, lora } = options
     const c = this.config
     const gemma = c.modelType === "gemma"
     const offset = gemma ? 1 : 0
@@ -184,6 +197,13 @@ export class CausalLM {
       const w = params[name]
       if (!w) throw new Error(`missing parameter ${name}`)
       return w
+    }
+    const proj = (x: ShardedArray, name: string) => {
+      const y = linear(x, p(name))
+      const a = lora?.params[`${name}.lora_A`]
+      const b = lora?.params[`${name}.lora_B`]
+      if (!a || !b || !lora) return y
+      return add(toLayout(y, y.spec), scale(linear(linear(x, a), b), lora.alpha / a.shape[0]!))
     }
     let h = embedding(inputs.inputIds, p("model.embed_tokens.weight"))
     h = toLayout(h, h.spec)
@@ -215,18 +235,18 @@ export class CausalLM {
             keyLength: cache.length + q.shape[1]!,
           })
         : attention(q, k, v, { causal: true, window, ...(inputs.keyMask ? { keyMask: inputs.keyMask } : {}) })
-      h = add(h, linear(mergeHeads(o), p(`${pre}self_attn.o_proj.weight`)))
+      h = add(h, proj(mergeHeads(o), `${pre}self_attn.o_proj.weight`))
       const m = rmsnorm(h, p(`${pre}post_attention_layernorm.weight`), c.rmsNormEps, offset)
-      const f = glu(linear(m, p(`${pre}mlp.gate_proj.weight`)), linear(m, p(`${pre}mlp.up_proj.weight`)), act)
-      h = add(h, linear(f, p(`${pre}mlp.down_proj.weight`)))
+      const f = glu(proj(m, `${pre}mlp.gate_proj.weight`), proj(m, `${pre}mlp.up_proj.weight`), act)
+      h = add(h, proj(f, `${pre}mlp.down_proj.weight`))
     }
     if (cache) cache.length += inputs.inputIds.shape[1]!
     return rmsnorm(h, p("model.norm.weight"), c.rmsNormEps, offset)
   }
 
   /** Mean next-token cross-entropy, with the output projection fused into the loss. */
-  loss(params: Params, batch: TokenBatch): ShardedArray {
-    const hidden = this.forward(params, batch)
+  loss(params: Params, batch: TokenBatch, options: ForwardOptions = {}): ShardedArray {
+    const hidden = this.forward(params, batch, options)
     const head = params[this.headWeightName()]
     if (!head) throw new Error(`missing parameter ${this.headWeightName()}`)
     return crossEntropyLoss(hidden, head, batch.targets, batch.rowScale)

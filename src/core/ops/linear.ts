@@ -11,7 +11,7 @@
  *   output split (column parallel); it is partial over the axes that split K (row parallel),
  *   and whoever needs it whole all-reduces it.
  */
-import { record } from "../autodiff.ts"
+import { record, wantsGrad } from "../autodiff.ts"
 import { dtypeCode } from "../dtype.ts"
 import { numel } from "../shape.ts"
 import type { ShardedArray } from "../shardedArray.ts"
@@ -86,6 +86,8 @@ export const linear = (x: ShardedArray, w: ShardedArray): ShardedArray => {
   const Kl = xs.localShape[rank - 1]!
   const Nl = ws.localShape[0]!
   for (let p = 0; p < xs.mesh.size; p++) localMatmul(xs, ws, y, p, M, Nl, Kl, false, true)
+  const needX = wantsGrad(x.engine, xs)
+  const needW = wantsGrad(x.engine, ws)
   record(x.engine, {
     name: "linear",
     inputs: [xs, ws],
@@ -94,12 +96,12 @@ export const linear = (x: ShardedArray, w: ShardedArray): ShardedArray => {
       if (!ct) return [undefined, undefined]
       const dy = cotangentIn(ct, y)
       // dx = dy·W contracts the output dimension: partial over W's output split.
-      const dx = newArray(xs, xs.shape, xs.spec, wOut)
+      const dx = needX ? newArray(xs, xs.shape, xs.spec, wOut) : undefined
       // dW = dyᵀ·x contracts the rows: partial over the axes that split them.
-      const dw = newArray(ws, ws.shape, ws.spec, batchAxes)
+      const dw = needW ? newArray(ws, ws.shape, ws.spec, batchAxes) : undefined
       for (let p = 0; p < xs.mesh.size; p++) {
-        localMatmul(dy, ws, dx, p, M, Kl, Nl, false, false)
-        localMatmul(dy, xs, dw, p, Nl, Kl, M, true, false)
+        if (dx) localMatmul(dy, ws, dx, p, M, Kl, Nl, false, false)
+        if (dw) localMatmul(dy, xs, dw, p, Nl, Kl, M, true, false)
       }
       if (dy !== ct) dy.dispose()
       return [dx, dw]
