@@ -125,17 +125,23 @@ export const valueAndGrad =
       for (let k = tape.nodes.length - 1; k >= 0; k--) {
         const node = tape.nodes[k]!
         const outCts = node.outputs.map((o) => cts.get(o))
+        // A rule may hand an output's cotangent on unchanged (a cast to the same dtype).
+        const passed = new Set<ShardedArray>()
         if (outCts.some((c) => c !== undefined)) {
           const inCts = node.backward(outCts)
           node.inputs.forEach((x, i) => {
             const ct = inCts[i]
-            if (x && ct && tape.tracked.has(x)) accumulate(engine, cts, x, ct)
-            else ct?.dispose()
+            if (!ct) return
+            if (x && tape.tracked.has(x)) {
+              passed.add(ct)
+              accumulate(engine, cts, x, ct)
+            } else if (!outCts.includes(ct)) ct.dispose()
           })
         }
         for (const o of node.outputs) {
           if (keep.has(o)) continue
-          cts.get(o)?.dispose()
+          const c = cts.get(o)
+          if (c && !passed.has(c)) c.dispose()
           cts.delete(o)
         }
         for (const x of [...node.inputs, ...node.outputs]) {

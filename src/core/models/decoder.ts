@@ -15,7 +15,7 @@ import type { LoraParams } from "../lora.ts"
 import type { Mesh } from "../mesh.ts"
 import { attention } from "../ops/attention.ts"
 import { crossEntropyLoss } from "../ops/crossEntropy.ts"
-import { add, scale } from "../ops/elementwise.ts"
+import { add, castTo, scale } from "../ops/elementwise.ts"
 import { embedding } from "../ops/embedding.ts"
 import { type GluActivation, glu } from "../ops/glu.ts"
 import { mergeHeads, splitHeads } from "../ops/heads.ts"
@@ -112,6 +112,11 @@ export class CausalLM {
   ]
 
   private readonly invFreq = new Map<string, ShardedArray>()
+  /**
+   * The dtype activations and matmul inputs are computed in: float32 (the CPU reference) or
+   * bfloat16 (CUDA mixed precision, with float32 master weights cast on use).
+   */
+  computeDtype: DType = "float32"
 
   constructor(readonly config: ModelConfig) {}
 
@@ -196,7 +201,7 @@ export class CausalLM {
     const p = (name: string) => {
       const w = params[name]
       if (!w) throw new Error(`missing parameter ${name}`)
-      return w
+      return castTo(w, this.computeDtype)
     }
     const proj = (x: ShardedArray, name: string) => {
       const y = linear(x, p(name))
@@ -249,14 +254,14 @@ export class CausalLM {
     const hidden = this.forward(params, batch, options)
     const head = params[this.headWeightName()]
     if (!head) throw new Error(`missing parameter ${this.headWeightName()}`)
-    return crossEntropyLoss(hidden, head, batch.targets, batch.rowScale)
+    return crossEntropyLoss(hidden, castTo(head, this.computeDtype), batch.targets, batch.rowScale)
   }
 
   /** Logits [B, T, V] of some hidden states (for generation: a few positions at a time). */
   logits(params: Params, hidden: ShardedArray): ShardedArray {
     const head = params[this.headWeightName()]
     if (!head) throw new Error(`missing parameter ${this.headWeightName()}`)
-    const y = linear(hidden, head)
+    const y = linear(hidden, castTo(head, this.computeDtype))
     return toLayout(y, y.spec)
   }
 }

@@ -8,7 +8,7 @@ import { record } from "../autodiff.ts"
 import { dtypeCode } from "../dtype.ts"
 import type { ShardedArray } from "../shardedArray.ts"
 import { cotangentIn, entriesOf, specOf, toLayout } from "./layout.ts"
-import { newArray } from "./local.ts"
+import { newArray, statsDtype } from "./local.ts"
 
 export interface AttentionOptions {
   readonly causal: boolean
@@ -68,7 +68,7 @@ export const attention = (
     sMax,
   ]
   const o = newArray(qs, qs.shape, spec)
-  const lse = newArray(qs, [B, Hq, T], specOf([b, h, []]))
+  const lse = newArray(qs, [B, Hq, T], specOf([b, h, []]), [], statsDtype(q.dtype))
   const withMask = (bufs: number[], p: number) => (mask ? [...bufs, mask.buffer(p)] : bufs)
   for (let p = 0; p < mesh.size; p++)
     q.engine.backend.exec(

@@ -15,7 +15,7 @@ import type { ShardedArray } from "../shardedArray.ts"
 import { shardToHost } from "../shardedArray.ts"
 import { P } from "../sharding.ts"
 import { entriesOf, specOf, toLayout } from "./layout.ts"
-import { newArray } from "./local.ts"
+import { newArray, statsDtype } from "./local.ts"
 
 /** Rows of the vocabulary processed at once; small enough to stay in cache on the CPU. */
 const CHUNK = 512
@@ -43,9 +43,10 @@ export const crossEntropyLoss = (
   const Vl = ws.localShape[0]!
   const start = (p: number) => (vAxes.length ? mesh.indexAlong(p, vAxes) * Vl : 0)
   const rows = [h.shape[0]!, h.shape[1]!]
-  const m = newArray(hs, rows, rowSpec)
-  const s = newArray(hs, rows, rowSpec, vAxes)
-  const z = newArray(hs, rows, rowSpec, vAxes)
+  const stats = statsDtype(h.dtype)
+  const m = newArray(hs, rows, rowSpec, [], stats)
+  const s = newArray(hs, rows, rowSpec, vAxes, stats)
+  const z = newArray(hs, rows, rowSpec, vAxes, stats)
   const backend = engine.backend
   for (let p = 0; p < mesh.size; p++)
     backend.exec(
@@ -63,8 +64,8 @@ export const crossEntropyLoss = (
     sG = coll.allReduce(s, vAxes)
     zG = coll.allReduce(z, vAxes)
   }
-  const lse = newArray(hs, rows, rowSpec)
-  const rowLoss = newArray(hs, rows, rowSpec)
+  const lse = newArray(hs, rows, rowSpec, [], stats)
+  const rowLoss = newArray(hs, rows, rowSpec, [], stats)
   for (let p = 0; p < mesh.size; p++) {
     backend.exec("ce_lse", [mG.buffer(p), sG.buffer(p), lse.buffer(p)], [code, N])
     backend.exec(
@@ -91,7 +92,7 @@ export const crossEntropyLoss = (
       // The upstream cotangent is a replicated scalar: 1 when the loss is what is differentiated.
       const gradScale = ct.constant ?? Number(shardToHost(ct, 0)[0])
       const dh = newArray(hs, hs.shape, hs.spec, vAxes)
-      const dw = newArray(ws, ws.shape, ws.spec, rowAxes)
+      const dw = newArray(ws, ws.shape, ws.spec, rowAxes, stats)
       for (let p = 0; p < mesh.size; p++)
         backend.exec(
           "ce_bwd",

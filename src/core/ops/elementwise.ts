@@ -70,3 +70,19 @@ export const scale = (x: ShardedArray, c: number): ShardedArray => {
   })
   return out
 }
+
+/** x converted to another dtype (bfloat16 copies of float32 master weights); the gradient converts back. */
+export const castTo = (x: ShardedArray, dtype: DType): ShardedArray => {
+  if (x.dtype === dtype) return x
+  const engine = x.engine
+  const out = allocateArray(engine, x.shape, dtype, x.sharding, x.partial)
+  const n = numel(x.localShape)
+  execEach(engine, x, "cast", (p) => [x.buffer(p), out.buffer(p)], [dtypeCode(x.dtype), dtypeCode(dtype), n])
+  record(engine, {
+    name: "cast",
+    inputs: [x],
+    outputs: [out],
+    backward: ([ct]) => [ct ? (ct.dtype === x.dtype ? ct : castTo(ct, x.dtype)) : undefined],
+  })
+  return out
+}

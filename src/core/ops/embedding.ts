@@ -8,7 +8,7 @@ import { dtypeCode } from "../dtype.ts"
 import { numel } from "../shape.ts"
 import type { ShardedArray } from "../shardedArray.ts"
 import { cotangentIn, entriesOf, specOf, toLayout } from "./layout.ts"
-import { newArray } from "./local.ts"
+import { newArray, statsDtype } from "./local.ts"
 
 /** ids [...] int32 → [..., D]. */
 export const embedding = (ids: ShardedArray, table: ShardedArray): ShardedArray => {
@@ -37,7 +37,7 @@ export const embedding = (ids: ShardedArray, table: ShardedArray): ShardedArray 
     backward: ([ct]) => {
       if (!ct) return [undefined]
       const dy = cotangentIn(ct, out)
-      const dt = newArray(t, t.shape, t.spec, batchAxes)
+      const dt = newArray(t, t.shape, t.spec, batchAxes, statsDtype(t.dtype))
       for (let p = 0; p < t.mesh.size; p++)
         t.engine.backend.exec(
           "embedding_bwd",

@@ -16,7 +16,7 @@ import { dtypeCode } from "../dtype.ts"
 import { numel } from "../shape.ts"
 import type { ShardedArray } from "../shardedArray.ts"
 import { cotangentIn, entriesOf, specOf, toLayout } from "./layout.ts"
-import { newArray } from "./local.ts"
+import { newArray, statsDtype } from "./local.ts"
 
 const same = (a: ReadonlyArray<string>, b: ReadonlyArray<string>) =>
   a.length === b.length && a.every((x, i) => x === b[i])
@@ -34,6 +34,7 @@ export const localMatmul = (
   transB: boolean,
   accumulate = false,
 ): void => {
+  const cd = c.dtype === a.dtype ? [] : [dtypeCode(c.dtype)]
   const lda = transA ? m : k
   const ldb = transB ? k : n
   a.engine.backend.exec(
@@ -58,6 +59,7 @@ export const localMatmul = (
       0,
       0,
       0,
+      ...cd,
     ],
   )
 }
@@ -98,7 +100,7 @@ export const linear = (x: ShardedArray, w: ShardedArray): ShardedArray => {
       // dx = dy·W contracts the output dimension: partial over W's output split.
       const dx = needX ? newArray(xs, xs.shape, xs.spec, wOut) : undefined
       // dW = dyᵀ·x contracts the rows: partial over the axes that split them.
-      const dw = needW ? newArray(ws, ws.shape, ws.spec, batchAxes) : undefined
+      const dw = needW ? newArray(ws, ws.shape, ws.spec, batchAxes, statsDtype(ws.dtype)) : undefined
       for (let p = 0; p < xs.mesh.size; p++) {
         if (dx) localMatmul(dy, ws, dx, p, M, Kl, Nl, false, false)
         if (dw) localMatmul(dy, xs, dw, p, Nl, Kl, M, true, false)

@@ -2,7 +2,7 @@
  * Helpers for ops that run the same native op on every mesh position over that position's
  * buffers: the single controller drives all devices, one op call each.
  */
-import { dtypeCode } from "../dtype.ts"
+import { type DType, dtypeCode } from "../dtype.ts"
 import type { Engine } from "../engine.ts"
 import type { Shape } from "../shape.ts"
 import { allocateArray, type ShardedArray } from "../shardedArray.ts"
@@ -25,6 +25,12 @@ export const newArray = (
 /** An array with x's shape, dtype and layout. */
 export const like = (x: ShardedArray): ShardedArray =>
   allocateArray(x.engine, x.shape, x.dtype, x.sharding, x.partial)
+
+/**
+ * The dtype of statistics (rstd, lse, loss terms) and weight-gradient accumulators for compute in
+ * `dtype`: float32 under bfloat16 compute, else the same (OPS.md, Mixed precision).
+ */
+export const statsDtype = (dtype: DType): DType => (dtype === "bfloat16" ? "float32" : dtype)
 
 /** The native dtype code for compute ops, which take float32 or float64 on the CPU. */
 export const computeCode = (x: ShardedArray): number => dtypeCode(x.dtype)

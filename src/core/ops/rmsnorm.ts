@@ -8,7 +8,7 @@ import { numel } from "../shape.ts"
 import type { ShardedArray } from "../shardedArray.ts"
 import { P } from "../sharding.ts"
 import { cotangentIn, entriesOf, specOf, toLayout } from "./layout.ts"
-import { newArray } from "./local.ts"
+import { newArray, statsDtype } from "./local.ts"
 
 export const rmsnorm = (x: ShardedArray, w: ShardedArray, eps: number, offset: 0 | 1 = 0): ShardedArray => {
   const rank = x.rank
@@ -16,7 +16,7 @@ export const rmsnorm = (x: ShardedArray, w: ShardedArray, eps: number, offset: 0
   const xs = toLayout(x, specOf([...lead, []]))
   const ws = toLayout(w, P())
   const y = newArray(xs, xs.shape, xs.spec)
-  const rstd = newArray(xs, xs.shape.slice(0, rank - 1), specOf(lead))
+  const rstd = newArray(xs, xs.shape.slice(0, rank - 1), specOf(lead), [], statsDtype(xs.dtype))
   const D = x.shape[rank - 1]!
   const N = numel(xs.localShape.slice(0, rank - 1))
   const code = dtypeCode(x.dtype)
@@ -35,7 +35,7 @@ export const rmsnorm = (x: ShardedArray, w: ShardedArray, eps: number, offset: 0
       const dy = cotangentIn(ct, y)
       const dx = newArray(xs, xs.shape, xs.spec)
       // dw sums over rows: partial over the axes that split them.
-      const dw = newArray(ws, ws.shape, ws.spec, lead.flat())
+      const dw = newArray(ws, ws.shape, ws.spec, lead.flat(), statsDtype(ws.dtype))
       for (let p = 0; p < xs.mesh.size; p++)
         xs.engine.backend.exec(
           "rmsnorm_bwd",
