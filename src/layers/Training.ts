@@ -1,0 +1,306 @@
+/**
+ * Training as one composable Effect program: the devices and mesh, the model (from the Hub or
+ * fresh from a config), the data stream, the optimizer and its sharded state, then the loop of
+ * jitted steps, with metrics and (through the Checkpointer) saves and exact resume.
+ */
+import { appendFile, mkdir } from "node:fs/promises"
+import { dirname, join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { Effect, Option, Schema } from "effect"
+import { type ModelType, parameterCount } from "../core/config.ts"
+import type { DataPosition } from "../core/data/position.ts"
+import type { Mesh } from "../core/mesh.ts"
+import { disposeBatch, placeBatch } from "../core/models/batch.ts"
+import type { CausalLM, Params } from "../core/models/decoder.ts"
+import { modelClassFor } from "../core/models/decoder.ts"
+import { initParams } from "../core/models/init.ts"
+import {
+  adamw,
+  chain,
+  checkFinite,
+  clipByGlobalNorm,
+  decayMask,
+  initializeOptState,
+  type Optimizer,
+  type OptState,
+  readScalars,
+  type Schedule,
+  skipNonFinite,
+  warmupCosine,
+} from "../core/optim.ts"
+import { shardToHost } from "../core/shardedArray.ts"
+import { makeTrainStep } from "../core/train.ts"
+import { openDataset } from "./Dataset.ts"
+import { createDeviceMesh, Devices } from "./Devices.ts"
+import type { BatchStream } from "./data/BatchStream.ts"
+import { makeBatchStream } from "./data/BatchStream.ts"
+import { loadModelConfig, loadModelHub } from "./loadModel.ts"
+import { loadTokenizer } from "./Tokenizer.ts"
+
+export interface Hyperparameters {
+  readonly learningRate: number
+  readonly weightDecay: number
+  readonly adamBeta1: number
+  readonly adamBeta2: number
+  readonly maxGradNorm: number
+  /** Steps the schedule spans (warmup is 10% of it, as the original train.py). */
+  readonly totalSteps: number
+  /** Consecutive non-finite steps tolerated before failing (optax.apply_if_finite's 10). */
+  readonly maxConsecutiveNonFinite?: number
+}
+
+/** The original Magix optimizer: clip → AdamW with warmup-cosine and the decay mask → skip non-finite. */
+export const magixOptimizer = (h: Hyperparameters): { optimizer: Optimizer; schedule: Schedule } => {
+  const schedule = warmupCosine({
+    peak: h.learningRate,
+    warmup: Math.max(1, Math.floor(h.totalSteps * 0.1)),
+    total: Math.max(2, h.totalSteps),
+  })
+  const optimizer = chain(
+    clipByGlobalNorm(h.maxGradNorm),
+    adamw({ lr: schedule, b1: h.adamBeta1, b2: h.adamBeta2, weightDecay: h.weightDecay, mask: decayMask }),
+    skipNonFinite({ maxConsecutive: h.maxConsecutiveNonFinite ?? 10 }),
+  )
+  return { optimizer, schedule }
+}
+
+/** One logged step, as written to the metrics file (JSONL). */
+export interface StepMetrics {
+  readonly step: number
+  readonly loss: number
+  readonly learningRate: number
+  readonly gradNorm: number
+  readonly tokens: number
+  readonly tokensPerSecond: number
+  /** Model FLOPs utilisation against `peakFlops`, when known. */
+  readonly mfu?: number
+  readonly skippedSteps: number
+  readonly elapsedSeconds: number
+  readonly etaSeconds?: number
+  readonly epoch: number
+}
+
+export class MetricsFileError extends Schema.TaggedError<MetricsFileError>()("MetricsFileError", {
+  path: Schema.String,
+  detail: Schema.String,
+}) {
+  override get message() {
+    return `cannot write metrics to ${this.path} (${this.detail}): check --metrics-file`
+  }
+}
+
+/** A state a loop can hand to a checkpointer: everything exact resume needs. */
+export interface TrainState {
+  readonly step: number
+  readonly params: Params
+  readonly optState: OptState
+  readonly dataPosition: DataPosition
+}
+
+export interface LoopOptions {
+  readonly model: CausalLM
+  readonly params: Params
+  readonly optState: OptState
+  readonly optimizer: Optimizer
+  readonly schedule: Schedule
+  readonly mesh: Mesh
+  readonly data: BatchStream
+  /** Steps already done (when resuming). */
+  readonly startStep?: number
+  readonly maxSteps: number
+  readonly metricsFile?: string
+  /** Read the loss back every this many steps (a host synchronisation). */
+  readonly logEvery?: number
+  /** Peak FLOP/s of the whole mesh, for MFU. */
+  readonly peakFlops?: number
+  readonly onStep?: (m: StepMetrics) => Effect.Effect<void>
+  /** Called after every step with the state (a checkpointer decides whether to save). */
+  readonly afterStep?: (s: TrainState) => Effect.Effect<void, unknown>
+}
+
+/** FLOPs per token of a training step: 6·N + 12·L·d·T (parameters, layers, width, sequence). */
+export const flopsPerToken = (model: CausalLM, sequence: number): number => {
+  const c = model.config
+  return 6 * parameterCount(c) + 12 * c.numHiddenLayers * c.hiddenSize * sequence
+}
+
+/** Runs steps until the data ends or maxSteps; returns the last metrics. */
+export const trainLoop = (o: LoopOptions) =>
+  Effect.gen(function* () {
+    const { engine } = yield* Devices
+    const step = makeTrainStep(o.model, o.optimizer)
+    const logEvery = Math.max(1, o.logEvery ?? 1)
+    const flops = flopsPerToken(o.model, o.data.plan.maxLength)
+    if (o.metricsFile) {
+      const path = o.metricsFile
+      yield* Effect.tryPromise({
+        try: () => mkdir(dirname(path), { recursive: true }),
+        catch: (e) => new MetricsFileError({ path, detail: String(e) }),
+      })
+    }
+    let stepIndex = o.startStep ?? 0
+    let last: StepMetrics | undefined
+    const start = performance.now()
+    let windowStart = start
+    let windowTokens = 0
+    let totalTokens = 0
+    while (stepIndex < o.maxSteps) {
+      const next = yield* o.data.next
+      if (Option.isNone(next)) break
+      const host = next.value
+      const placed = yield* placeBatch(engine, o.mesh, host)
+      const out = yield* step(o.params, o.optState, placed.batch).pipe(
+        Effect.ensuring(Effect.sync(() => disposeBatch(placed.batch))),
+      )
+      stepIndex++
+      windowTokens += host.tokens
+      totalTokens += host.tokens
+      if (stepIndex % logEvery === 0 || stepIndex === o.maxSteps) {
+        const loss = Number(shardToHost(out.loss, 0)[0])
+        const scalars = readScalars(o.optState)
+        yield* checkFinite(o.optimizer, scalars)
+        const now = performance.now()
+        const tps = (windowTokens / (now - windowStart)) * 1000
+        const elapsed = (now - start) / 1000
+        const perStep = elapsed / (stepIndex - (o.startStep ?? 0))
+        last = {
+          step: stepIndex,
+          loss,
+          learningRate: scalars.learningRate,
+          gradNorm: scalars.gradNorm,
+          tokens: totalTokens,
+          tokensPerSecond: tps,
+          ...(o.peakFlops ? { mfu: (tps * flops) / o.peakFlops } : {}),
+          skippedSteps: scalars.totalNonFinite,
+          elapsedSeconds: elapsed,
+          etaSeconds: perStep * (o.maxSteps - stepIndex),
+          epoch: host.epoch,
+        }
+        windowStart = now
+        windowTokens = 0
+        if (o.metricsFile) {
+          const path = o.metricsFile
+          const line = `${JSON.stringify(last)}\n`
+          yield* Effect.tryPromise({
+            try: () => appendFile(path, line),
+            catch: (e) => new MetricsFileError({ path, detail: String(e) }),
+          })
+        }
+        if (o.onStep) yield* o.onStep(last)
+      }
+      out.loss.dispose()
+      if (o.afterStep)
+        yield* o.afterStep({
+          step: stepIndex,
+          params: o.params,
+          optState: o.optState,
+          dataPosition: host.position,
+        })
+    }
+    return { lastMetrics: last, steps: stepIndex }
+  })
+
+// ---------- the whole program behind `magix train` ----------
+
+/** The model shipped in the repository: `magix train` with no model flags trains it from scratch. */
+export const embeddedModelDir = fileURLToPath(new URL("../../examples/tiny", import.meta.url))
+export const embeddedTrainFile = join(embeddedModelDir, "arithmetic.jsonl")
+
+export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
+  readonly modelType: ModelType
+  /** Hub id or local directory; absent: the embedded tiny model, initialised fresh. */
+  readonly modelName?: string
+  readonly tokenizerName?: string
+  readonly trainFile: string
+  readonly trainDataConfig?: string
+  readonly split: string
+  readonly trainDataField: string
+  readonly useChatTemplate: boolean
+  readonly maxLength: number
+  readonly numEpochs: number
+  readonly batchSize: number
+  readonly meshShape: ReadonlyArray<number>
+  readonly seed: number
+  readonly maxSteps?: number
+  readonly packing: boolean
+  readonly metricsFile?: string
+  readonly logEvery?: number
+  readonly dataWorkers?: number
+  readonly bf16ModelWeights: boolean
+  readonly onStep?: (m: StepMetrics) => Effect.Effect<void>
+  readonly onStart?: (info: {
+    readonly model: CausalLM
+    readonly mesh: Mesh
+    readonly totalSteps: number
+    readonly parameters: number
+  }) => Effect.Effect<void>
+}
+
+/** Loads or initialises the model, builds data and optimizer, and runs the loop. */
+export const runTraining = (o: TrainOptions) =>
+  Effect.gen(function* () {
+    const devices = yield* Devices
+    const mesh = yield* createDeviceMesh(o.meshShape)
+    const Model = modelClassFor(o.modelType)
+    const fresh = o.modelName === undefined
+    const dtype = o.bf16ModelWeights ? "bfloat16" : "float32"
+    let model: CausalLM
+    let params: Params
+    if (fresh) {
+      model = yield* loadModelConfig(Model, embeddedModelDir)
+      params = yield* Effect.acquireRelease(
+        initParams(model, devices.engine, mesh, Model.partitionRules, { seed: o.seed }),
+        (p) => Effect.sync(() => Object.values(p).forEach((a) => a.dispose())),
+      )
+    } else {
+      const loaded = yield* loadModelHub(Model, o.modelName!, Model.partitionRules, mesh, { dtype })
+      model = loaded.model
+      params = loaded.params
+    }
+    if (devices.platform === "cuda") model.computeDtype = "bfloat16"
+    const tokenizer = yield* loadTokenizer(o.tokenizerName ?? o.modelName ?? embeddedModelDir, {
+      addEosToken: true,
+    })
+    const dataset = yield* openDataset({
+      path: o.trainFile,
+      field: o.trainDataField,
+      split: o.split,
+      ...(o.trainDataConfig ? { config: o.trainDataConfig } : {}),
+    })
+    const data = yield* makeBatchStream({
+      dataset,
+      tokenizer,
+      batchSize: o.batchSize,
+      maxLength: o.maxLength,
+      mode: o.packing ? "packing" : "padding",
+      seed: o.seed,
+      useChatTemplate: o.useChatTemplate,
+      ...(o.packing ? {} : { epochs: o.numEpochs }),
+      ...(o.dataWorkers !== undefined ? { workers: o.dataWorkers } : {}),
+    })
+    const epochSteps = data.stepsPerEpoch ?? Math.ceil(dataset.count / o.batchSize)
+    const totalSteps = Math.min(o.maxSteps ?? Number.POSITIVE_INFINITY, epochSteps * o.numEpochs)
+    const { optimizer, schedule } = magixOptimizer({ ...o, totalSteps })
+    const optState = yield* Effect.acquireRelease(
+      initializeOptState(optimizer, params, Model.partitionRules, mesh),
+      (s) =>
+        Effect.sync(() => {
+          for (const a of [...Object.values(s.mu), ...Object.values(s.nu), s.scalars]) a.dispose()
+        }),
+    )
+    if (o.onStart) yield* o.onStart({ model, mesh, totalSteps, parameters: parameterCount(model.config) })
+    const result = yield* trainLoop({
+      model,
+      params,
+      optState,
+      optimizer,
+      schedule,
+      mesh,
+      data,
+      maxSteps: totalSteps,
+      ...(o.metricsFile ? { metricsFile: o.metricsFile } : {}),
+      ...(o.logEvery ? { logEvery: o.logEvery } : {}),
+      ...(o.onStep ? { onStep: o.onStep } : {}),
+    })
+    return { ...result, model, params, tokenizer, mesh }
+  })
