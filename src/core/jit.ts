@@ -88,6 +88,9 @@ class Recorder implements Backend {
   readonly freed = new Set<number>()
   /** Input slots of arguments that were not donated, with the argument's name. */
   readonly readOnly = new Map<number, string>()
+  /** Slots of buffers the step used but neither received nor allocated (caches made earlier). */
+  readonly external = new Set<number>()
+  private allocating = false
 
   constructor(private readonly inner: Backend) {}
 
@@ -103,14 +106,24 @@ class Recorder implements Backend {
       s = this.traced.length
       this.traced.push(id)
       this.slotOf.set(id, s)
+      if (!this.allocating) this.external.add(s)
     }
     return s
+  }
+  /** Slots of the inputs, registered before the step runs (not external). */
+  input(id: BufferId): number {
+    this.allocating = true
+    try {
+      return this.slot(id)
+    } finally {
+      this.allocating = false
+    }
   }
   alloc(device: number, bytes: number): BufferId {
     const id = this.inner.alloc(device, bytes)
     // A freed id can come back from the allocator: it starts a new slot.
     this.slotOf.delete(id)
-    this.calls.push({ kind: "alloc", slot: this.slot(id), device, bytes })
+    this.calls.push({ kind: "alloc", slot: this.input(id), device, bytes })
     return id
   }
   free(id: BufferId): void {
@@ -246,7 +259,7 @@ export const jit = <A extends unknown[], R>(
   const trace = (engine: Engine, args: A, key: string): R => {
     const recorder = new Recorder(engine.backend)
     const inputs = arraysOf(args)
-    const inputSlots = inputs.map((a) => a.buffers.map((b) => recorder.slot(b)))
+    const inputSlots = inputs.map((a) => a.buffers.map((b) => recorder.input(b)))
     args.forEach((arg, i) => {
       if (donated.has(i)) return
       for (const a of arraysOf(arg))
@@ -271,6 +284,9 @@ export const jit = <A extends unknown[], R>(
         !inputSet.has(c.slot)
       )
         captured.set(c.slot, recorder.traced[c.slot]!)
+    // Buffers made before the trace (a model's caches) are used as they are; freeing one of them
+    // later makes a replay fail with a typed error, never touch freed memory.
+    for (const s of recorder.external) if (!inputSet.has(s)) captured.set(s, recorder.traced[s]!)
     traces.set(key, {
       key,
       calls: recorder.calls.filter(
