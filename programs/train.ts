@@ -51,6 +51,7 @@ export const trainFlags = {
   split: Flag.String("split").pipe(Flag.withDefault("train")),
   trainDataField: Flag.String("train-data-field").pipe(Flag.withDefault("text")),
   useChatTemplate: Flag.Boolean("use-chat-template").pipe(
+    Flag.withDefault(false),
     Flag.withDescription("render message lists with the chat template"),
   ),
   checkpointDir: Flag.String("checkpoint-dir").pipe(
@@ -77,7 +78,7 @@ export const trainFlags = {
     Flag.withDefault("-1,1"),
     Flag.withDescription("e.g. --mesh-shape 2 2 (data, model); -1 takes the rest"),
   ),
-  bf16ModelWeights: Flag.Boolean("bf16-model-weights"),
+  bf16ModelWeights: Flag.Boolean("bf16-model-weights").pipe(Flag.withDefault(false)),
   maxSteps: Flag.Int("max-steps").pipe(Flag.optional, Flag.withDescription("stop after this many steps")),
   cpuDevices: Flag.Int("cpu-devices").pipe(
     Flag.optional,
@@ -88,6 +89,7 @@ export const trainFlags = {
     Flag.withDescription("JSONL, one object per logged step"),
   ),
   packing: Flag.Boolean("packing").pipe(
+    Flag.withDefault(false),
     Flag.withDescription("pack documents into rows instead of padding each"),
   ),
   logEvery: Flag.Int("log-every").pipe(Flag.withDefault(1)),

@@ -12,6 +12,7 @@ export { type GenerateOptions, generate, type PromptBatch } from "./core/generat
 export { type JitOptions, jit } from "./core/jit.ts"
 export { Mesh } from "./core/mesh.ts"
 export { type HostTokenBatch, placeBatch } from "./core/models/batch.ts"
+export type { Params, TokenBatch } from "./core/models/decoder.ts"
 export { initParams } from "./core/models/init.ts"
 export * as optim from "./core/optim.ts"
 export { initializeOptState } from "./core/optim.ts"

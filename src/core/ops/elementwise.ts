@@ -5,8 +5,8 @@ import { record } from "../autodiff.ts"
 import { type DType, dtypeCode } from "../dtype.ts"
 import type { Engine } from "../engine.ts"
 import { numel, type Shape } from "../shape.ts"
-import { allocateArray, type ShardedArray } from "../shardedArray.ts"
-import type { NamedSharding } from "../sharding.ts"
+import { allocateArray, type ShardedArray, shardToHost } from "../shardedArray.ts"
+import { NamedSharding, PartitionSpec } from "../sharding.ts"
 import { execEach, like } from "./local.ts"
 
 /** An array filled with one value. */
@@ -83,6 +83,42 @@ export const castTo = (x: ShardedArray, dtype: DType): ShardedArray => {
     inputs: [x],
     outputs: [out],
     backward: ([ct]) => [ct ? (ct.dtype === x.dtype ? ct : castTo(ct, x.dtype)) : undefined],
+  })
+  return out
+}
+
+/** Σ x·w over every element: a scalar (replicated). Turns any array into a loss for gradient checks. */
+export const weightedSum = (x: ShardedArray, w: ShardedArray): ShardedArray => {
+  const engine = x.engine
+  const xs = x.partial.length ? engine.collectives.relayout(x, x.spec) : x
+  const ws = sameLayout(xs, w) ? w : engine.collectives.relayout(w, xs.spec)
+  const prod = like(xs)
+  const n = numel(xs.localShape)
+  execEach(engine, xs, "mul", (p) => [xs.buffer(p), ws.buffer(p), prod.buffer(p)], [dtypeCode(x.dtype), n])
+  // Each device sums its block; blocks replicated r times are counted once.
+  const axes = [...xs.mesh.axisNames]
+  const partial = allocateArray(engine, [], x.dtype, new NamedSharding(xs.mesh, new PartitionSpec([])), axes)
+  execEach(engine, xs, "sum", (p) => [prod.buffer(p), partial.buffer(p)], [
+    dtypeCode(x.dtype),
+    n,
+    1 / xs.sharding.replication,
+    0,
+  ])
+  const out = engine.collectives.allReduce(partial, axes)
+  prod.dispose()
+  partial.dispose()
+  if (xs !== x) xs.dispose()
+  record(engine, {
+    name: "weighted_sum",
+    inputs: [x],
+    outputs: [out],
+    backward: ([ct]) => {
+      if (!ct) return [undefined]
+      const c = ct.constant ?? Number(shardToHost(ct, 0)[0])
+      const g = allocateArray(engine, ws.shape, ws.dtype, ws.sharding)
+      execEach(engine, ws, "axpby", (p) => [ws.buffer(p), g.buffer(p)], [dtypeCode(ws.dtype), n, c, 0])
+      return [g]
+    },
   })
   return out
 }
