@@ -41,7 +41,7 @@ export const trainFlags = {
   trainFile: Flag.String("train-file").pipe(
     Flag.optional,
     Flag.withDescription(
-      ".jsonl, .parquet, a directory or a Hub dataset id (default: examples/tiny/arithmetic.jsonl)",
+      ".jsonl, .parquet, a directory or a Hub dataset id (default: examples/tiny/addition.jsonl)",
     ),
   ),
   trainDataConfig: Flag.String("train-data-config").pipe(
@@ -122,9 +122,9 @@ export const trainProgram = (f: TrainFlags) =>
       trainDataField: f.trainDataField,
       useChatTemplate: f.useChatTemplate,
       maxLength: opt(f.maxLength) ?? (embedded ? 16 : 1024),
-      numEpochs: opt(f.numEpochs) ?? (embedded ? 40 : 1),
+      numEpochs: opt(f.numEpochs) ?? (embedded ? 120 : 1),
       batchSize: opt(f.batchSize) ?? (embedded ? 32 : 16),
-      learningRate: opt(f.learningRate) ?? (embedded ? 3e-3 : 2e-6),
+      learningRate: opt(f.learningRate) ?? (embedded ? 5e-3 : 2e-6),
       weightDecay: f.weightDecay,
       adamBeta1: f.adamBeta1,
       adamBeta2: f.adamBeta2,
@@ -163,7 +163,7 @@ export const trainCommand = Command.make("train", trainFlags, (f) =>
     trainProgram(f).pipe(Effect.scoped, Effect.provide(Layer.mergeAll(runtimeFor(f.cpuDevices), Hub.layer))),
   ),
 ).pipe(
-  Command.withDescription("train or fine-tune a model (no flags: the tiny Llama on arithmetic, on the CPU)"),
+  Command.withDescription("train or fine-tune a model (no flags: the tiny Llama on single-digit sums, on the CPU)"),
 )
 
 export { embeddedModelDir }

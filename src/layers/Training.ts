@@ -204,7 +204,7 @@ export const trainLoop = (o: LoopOptions) =>
 
 /** The model shipped in the repository: `magix train` with no model flags trains it from scratch. */
 export const embeddedModelDir = fileURLToPath(new URL("../../examples/tiny", import.meta.url))
-export const embeddedTrainFile = join(embeddedModelDir, "arithmetic.jsonl")
+export const embeddedTrainFile = join(embeddedModelDir, "addition.jsonl")
 
 export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   readonly modelType: ModelType

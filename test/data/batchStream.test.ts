@@ -27,7 +27,7 @@ import { loadTokenizer, type Tokenizer } from "../../src/layers/Tokenizer.ts"
 
 const root = path.join(import.meta.dirname, "..", "..")
 const tiny = path.join(root, "examples", "tiny")
-const arithmetic = path.join(tiny, "arithmetic.jsonl")
+const arithmetic = path.join(tiny, "addition.jsonl")
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "magix-stream-test-"))
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }))
 
@@ -109,7 +109,7 @@ describe("batch stream", () => {
       { batchSize: 16, maxLength: 16, epochs: 2 },
       100,
     )
-    expect(batches.length).toBe(2 * Math.floor(200 / 16))
+    expect(batches.length).toBe(2 * Math.floor(100 / 16))
     expect(batches.at(-1)!.position.epoch).toBe(2)
   })
 

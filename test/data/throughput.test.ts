@@ -92,7 +92,7 @@ const measure = (
 
 describe.skipIf(!bench)("batch stream throughput", () => {
   it("tiny arithmetic dataset, byte-level tokenizer", async () => {
-    const file = path.join(root, "examples", "tiny", "arithmetic.jsonl")
+    const file = path.join(root, "examples", "tiny", "addition.jsonl")
     const tiny = path.join(root, "examples", "tiny")
     for (const mode of ["padding", "packing"] as const)
       for (const workers of [0, 1, 2]) {
