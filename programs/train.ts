@@ -163,7 +163,9 @@ export const trainCommand = Command.make("train", trainFlags, (f) =>
     trainProgram(f).pipe(Effect.scoped, Effect.provide(Layer.mergeAll(runtimeFor(f.cpuDevices), Hub.layer))),
   ),
 ).pipe(
-  Command.withDescription("train or fine-tune a model (no flags: the tiny Llama on single-digit sums, on the CPU)"),
+  Command.withDescription(
+    "train or fine-tune a model (no flags: the tiny Llama on single-digit sums, on the CPU)",
+  ),
 )
 
 export { embeddedModelDir }

@@ -41,7 +41,7 @@ export class Tape {
  */
 export const record = (engine: Engine, node: TapeNode): void => {
   const tape = engine.tape
-  if (!tape || !tape.needsGrad(node.inputs)) return
+  if (!tape?.needsGrad(node.inputs)) return
   tape.nodes.push(node)
   for (const o of node.outputs) tape.tracked.add(o)
 }
