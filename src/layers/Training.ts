@@ -78,6 +78,8 @@ export interface StepMetrics {
   readonly elapsedSeconds: number
   readonly etaSeconds?: number
   readonly epoch: number
+  /** Per device: bytes held now and the most held during the steps since the last log line (activations included). */
+  readonly deviceMemory: { readonly inUse: ReadonlyArray<number>; readonly peak: ReadonlyArray<number> }
 }
 
 export class MetricsFileError extends Schema.TaggedError<MetricsFileError>()("MetricsFileError", {
@@ -124,10 +126,16 @@ export const flopsPerToken = (model: CausalLM, sequence: number): number => {
   return 6 * parameterCount(c) + 12 * c.numHiddenLayers * c.hiddenSize * sequence
 }
 
+const memoryOf = (devices: Devices["Service"], mesh: Mesh) => {
+  const stats = mesh.devices.map((d) => devices.backend.stats(d))
+  return { inUse: stats.map((s) => s.inUse), peak: stats.map((s) => s.peak) }
+}
+
 /** Runs steps until the data ends or maxSteps; returns the last metrics. */
 export const trainLoop = (o: LoopOptions) =>
   Effect.gen(function* () {
-    const { engine } = yield* Devices
+    const devices = yield* Devices
+    const { engine } = devices
     const step = makeTrainStep(o.model, o.optimizer)
     const logEvery = Math.max(1, o.logEvery ?? 1)
     const flops = flopsPerToken(o.model, o.data.plan.maxLength)
@@ -175,7 +183,9 @@ export const trainLoop = (o: LoopOptions) =>
           elapsedSeconds: elapsed,
           etaSeconds: perStep * (o.maxSteps - stepIndex),
           epoch: host.epoch,
+          deviceMemory: memoryOf(devices, o.mesh),
         }
+        for (const d of o.mesh.devices) devices.backend.resetPeak(d)
         windowStart = now
         windowTokens = 0
         if (o.metricsFile) {
