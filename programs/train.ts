@@ -5,6 +5,7 @@
 import { dirname, join, resolve } from "node:path"
 import { Effect, Layer, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
+import { Checkpointer } from "../src/layers/Checkpointer.ts"
 import { CpuRuntime, DefaultRuntime } from "../src/layers/Devices.ts"
 import { saveHuggingFace } from "../src/layers/exportModel.ts"
 import { Hub } from "../src/layers/Hub.ts"
@@ -99,6 +100,10 @@ type TrainFlags = {
   readonly [K in keyof typeof trainFlags]: (typeof trainFlags)[K] extends Flag.Flag<infer A> ? A : never
 }
 
+/** --checkpoint-dir, or checkpoints/tiny for the embedded model (where `magix generate` looks). */
+const checkpointDirOf = (f: TrainFlags) =>
+  resolve(opt(f.checkpointDir) ?? (Option.isNone(f.modelName) ? "checkpoints/tiny" : "checkpoints"))
+
 export const trainProgram = (f: TrainFlags) =>
   Effect.gen(function* () {
     const modelName = opt(f.modelName)
@@ -109,7 +114,7 @@ export const trainProgram = (f: TrainFlags) =>
         flag: "--train-file",
         reason: "with --model-name (a .jsonl, .parquet or Hub dataset)",
       })
-    const checkpointDir = resolve(opt(f.checkpointDir) ?? (embedded ? "checkpoints/tiny" : "checkpoints"))
+    const checkpointDir = checkpointDirOf(f)
     const progress = progressPrinter()
     let total = 0
     const result = yield* runTraining({
@@ -139,8 +144,10 @@ export const trainProgram = (f: TrainFlags) =>
       onStart: (info) =>
         Effect.sync(() => {
           total = info.totalSteps
+          const from =
+            info.startStep > 0 ? `, resuming after step ${info.startStep} from ${checkpointDir}` : ""
           process.stderr.write(
-            `magix: training ${info.model.modelType} (${(info.parameters / 1e6).toFixed(2)}M parameters) on ${info.mesh}, ${info.totalSteps} steps\n`,
+            `magix: training ${info.model.modelType} (${(info.parameters / 1e6).toFixed(2)}M parameters) on ${info.mesh}, ${info.totalSteps} steps${from}\n`,
           )
         }),
       onStep: (m) => progress({ ...m, total }),
@@ -160,7 +167,14 @@ const runtimeFor = (cpuDevices: Option.Option<number>) =>
 
 export const trainCommand = Command.make("train", trainFlags, (f) =>
   reportFailures(
-    trainProgram(f).pipe(Effect.scoped, Effect.provide(Layer.mergeAll(runtimeFor(f.cpuDevices), Hub.layer))),
+    trainProgram(f).pipe(
+      Effect.scoped,
+      Effect.provide(
+        Checkpointer.layer({ directory: checkpointDirOf(f), saveInterval: f.saveSteps }).pipe(
+          Layer.provideMerge(Layer.mergeAll(runtimeFor(f.cpuDevices), Hub.layer)),
+        ),
+      ),
+    ),
   ),
 ).pipe(
   Command.withDescription(

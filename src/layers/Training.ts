@@ -7,8 +7,8 @@ import { appendFile, mkdir } from "node:fs/promises"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Effect, Option, Schema } from "effect"
-import { type ModelType, parameterCount } from "../core/config.ts"
-import type { DataPosition } from "../core/data/position.ts"
+import { configToJson, type ModelType, parameterCount } from "../core/config.ts"
+import { DataPosition } from "../core/data/position.ts"
 import type { Mesh } from "../core/mesh.ts"
 import { disposeBatch, placeBatch } from "../core/models/batch.ts"
 import type { CausalLM, Params } from "../core/models/decoder.ts"
@@ -28,12 +28,17 @@ import {
   skipNonFinite,
   warmupCosine,
 } from "../core/optim.ts"
-import { shardToHost } from "../core/shardedArray.ts"
+import { specFor } from "../core/partitionRules.ts"
+import { isShardedArray, type ShardedArray, shardToHost } from "../core/shardedArray.ts"
+import { NamedSharding, P } from "../core/sharding.ts"
 import { makeTrainStep } from "../core/train.ts"
+import { leaves } from "../core/tree.ts"
+import { type ArrayTarget, Checkpointer, CheckpointMismatch } from "./Checkpointer.ts"
 import { openDataset } from "./Dataset.ts"
 import { createDeviceMesh, Devices } from "./Devices.ts"
 import type { BatchStream } from "./data/BatchStream.ts"
 import { makeBatchStream } from "./data/BatchStream.ts"
+import { Hub } from "./Hub.ts"
 import { loadModelConfig, loadModelHub } from "./loadModel.ts"
 import { loadTokenizer } from "./Tokenizer.ts"
 
@@ -242,6 +247,7 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
     readonly model: CausalLM
     readonly mesh: Mesh
     readonly totalSteps: number
+    readonly startStep: number
     readonly parameters: number
   }) => Effect.Effect<void>
 }
@@ -250,20 +256,61 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
 export const runTraining = (o: TrainOptions) =>
   Effect.gen(function* () {
     const devices = yield* Devices
+    const ckpt = yield* Checkpointer
     const mesh = yield* createDeviceMesh(o.meshShape)
     const Model = modelClassFor(o.modelType)
+    const rules = Model.partitionRules
     const fresh = o.modelName === undefined
     const dtype = o.bf16ModelWeights ? "bfloat16" : "float32"
+    const latest = yield* ckpt.latestStep
+    const disposeAll = (arrays: ReadonlyArray<ShardedArray>) =>
+      Effect.sync(() => arrays.forEach((a) => a.dispose()))
     let model: CausalLM
     let params: Params
-    if (fresh) {
+    let optStateRestored: OptState | undefined
+    let resume: DataPosition | undefined
+    let startStep = 0
+    if (Option.isSome(latest)) {
+      // Resume: the model from its config, parameters, moments and data position from the checkpoint.
+      const configDir = fresh
+        ? embeddedModelDir
+        : yield* (yield* Hub).snapshot(o.modelName!, { allowPatterns: ["config.json"] })
+      model = yield* loadModelConfig(Model, configDir)
+      startStep = latest.value
+      const manifest = yield* ckpt.readManifest(startStep)
+      const paramTargets: Record<string, ArrayTarget> = {}
+      for (const [name, shape] of model.parameterShapes)
+        paramTargets[name] = { shape, dtype, sharding: new NamedSharding(mesh, specFor(rules, name, shape)) }
+      const moments = Object.fromEntries(
+        Object.entries(paramTargets).map(([k, t]) => [k, { ...t, dtype: "float32" as const }]),
+      )
+      const restored = yield* Effect.acquireRelease(
+        ckpt.restore(startStep, {
+          params: paramTargets,
+          optState: {
+            mu: moments,
+            nu: moments,
+            scalars: { shape: [8], dtype: "float64", sharding: new NamedSharding(mesh, P()) },
+          },
+        }),
+        (r) => disposeAll([...leaves(r.params, isShardedArray), ...leaves(r.optState, isShardedArray)]),
+      )
+      params = restored.params as Params
+      optStateRestored = restored.optState as unknown as OptState
+      resume = yield* Schema.decodeUnknownEffect(DataPosition)(manifest.dataPosition).pipe(
+        Effect.mapError(
+          (e) =>
+            new CheckpointMismatch({ step: startStep, array: "dataPosition", detail: String(e.message) }),
+        ),
+      )
+    } else if (fresh) {
       model = yield* loadModelConfig(Model, embeddedModelDir)
       params = yield* Effect.acquireRelease(
-        initParams(model, devices.engine, mesh, Model.partitionRules, { seed: o.seed }),
-        (p) => Effect.sync(() => Object.values(p).forEach((a) => a.dispose())),
+        initParams(model, devices.engine, mesh, rules, { seed: o.seed }),
+        (p) => disposeAll(Object.values(p)),
       )
     } else {
-      const loaded = yield* loadModelHub(Model, o.modelName!, Model.partitionRules, mesh, { dtype })
+      const loaded = yield* loadModelHub(Model, o.modelName!, rules, mesh, { dtype })
       model = loaded.model
       params = loaded.params
     }
@@ -287,18 +334,27 @@ export const runTraining = (o: TrainOptions) =>
       useChatTemplate: o.useChatTemplate,
       ...(o.packing ? {} : { epochs: o.numEpochs }),
       ...(o.dataWorkers !== undefined ? { workers: o.dataWorkers } : {}),
+      ...(resume ? { resume } : {}),
     })
     const epochSteps = data.stepsPerEpoch ?? Math.ceil(dataset.count / o.batchSize)
-    const totalSteps = Math.min(o.maxSteps ?? Number.POSITIVE_INFINITY, epochSteps * o.numEpochs)
-    const { optimizer, schedule } = magixOptimizer({ ...o, totalSteps })
-    const optState = yield* Effect.acquireRelease(
-      initializeOptState(optimizer, params, Model.partitionRules, mesh),
-      (s) =>
-        Effect.sync(() => {
-          for (const a of [...Object.values(s.mu), ...Object.values(s.nu), s.scalars]) a.dispose()
-        }),
-    )
-    if (o.onStart) yield* o.onStart({ model, mesh, totalSteps, parameters: parameterCount(model.config) })
+    // The schedule spans the planned run; --max-steps only stops early, so a stopped and resumed
+    // run follows the same learning rates as one straight run.
+    const planned = o.packing && o.maxSteps !== undefined ? o.maxSteps : epochSteps * o.numEpochs
+    const stopAt = Math.min(o.maxSteps ?? Number.POSITIVE_INFINITY, planned)
+    const { optimizer, schedule } = magixOptimizer({ ...o, totalSteps: planned })
+    const optState =
+      optStateRestored ??
+      (yield* Effect.acquireRelease(initializeOptState(optimizer, params, rules, mesh), (s) =>
+        disposeAll([...Object.values(s.mu), ...Object.values(s.nu), s.scalars]),
+      ))
+    if (o.onStart)
+      yield* o.onStart({
+        model,
+        mesh,
+        totalSteps: stopAt,
+        startStep,
+        parameters: parameterCount(model.config),
+      })
     const result = yield* trainLoop({
       model,
       params,
@@ -307,10 +363,28 @@ export const runTraining = (o: TrainOptions) =>
       schedule,
       mesh,
       data,
-      maxSteps: totalSteps,
+      startStep,
+      maxSteps: stopAt,
       ...(o.metricsFile ? { metricsFile: o.metricsFile } : {}),
       ...(o.logEvery ? { logEvery: o.logEvery } : {}),
       ...(o.onStep ? { onStep: o.onStep } : {}),
+      afterStep: (s) =>
+        ckpt.shouldSave(s.step, s.step === stopAt)
+          ? ckpt.save(
+              s.step,
+              {
+                params: s.params,
+                optState: { mu: s.optState.mu, nu: s.optState.nu, scalars: s.optState.scalars },
+              },
+              {
+                rules,
+                dataPosition: s.dataPosition,
+                modelConfig: configToJson(model.config),
+                rng: { seed: o.seed },
+              },
+            )
+          : Effect.void,
     })
-    return { ...result, model, params, tokenizer, mesh }
+    yield* ckpt.wait
+    return { ...result, startStep, model, params, optState, tokenizer, mesh }
   })

@@ -63,7 +63,15 @@ export const adaptNativeBackend = (addon: NativeAddon, native: NativeBackend): B
     platform: native.kind,
     deviceCount: native.deviceCount,
     alloc: (device, bytes) => guard(() => native.alloc(device, bytes)),
-    free: (id: BufferId) => guard(() => native.free(id)),
+    // After the runtime is released every buffer went with it: a late dispose has nothing to do.
+    free: (id: BufferId) =>
+      guard(() => {
+        try {
+          native.free(id)
+        } catch (e) {
+          if ((e as NativeErrorFields).code !== "DISPOSED") throw e
+        }
+      }),
     write: (id, offset, data) => guard(() => native.write(id, offset, data)),
     read: (id, offset, length, out) => guard(() => native.read(id, offset, length, out)),
     copy: (dst, dstOffset, src, srcOffset, bytes) =>

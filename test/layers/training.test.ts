@@ -1,0 +1,88 @@
+/**
+ * The training program: exact resume (N steps straight equal k steps, a restart from the
+ * checkpoint, and N − k more: parameters, optimizer state and data position), metrics JSONL.
+ */
+import { mkdtempSync, readFileSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { Effect, Layer } from "effect"
+import { expect, it } from "vitest"
+import { toHost } from "../../src/core/shardedArray.ts"
+import { Checkpointer } from "../../src/layers/Checkpointer.ts"
+import { CpuRuntime } from "../../src/layers/Devices.ts"
+import { Hub } from "../../src/layers/Hub.ts"
+import { embeddedTrainFile, runTraining, type TrainOptions } from "../../src/layers/Training.ts"
+
+const options: TrainOptions = {
+  modelType: "llama",
+  trainFile: embeddedTrainFile,
+  split: "train",
+  trainDataField: "text",
+  useChatTemplate: false,
+  maxLength: 16,
+  numEpochs: 2,
+  batchSize: 32,
+  learningRate: 5e-3,
+  weightDecay: 1e-4,
+  adamBeta1: 0.9,
+  adamBeta2: 0.999,
+  maxGradNorm: 1,
+  meshShape: [2, 1],
+  seed: 42,
+  packing: false,
+  dataWorkers: 0,
+  bf16ModelWeights: false,
+}
+
+const train = (directory: string, maxSteps: number, metricsFile?: string) =>
+  Effect.runPromise(
+    Effect.gen(function* () {
+      const r = yield* runTraining({ ...options, maxSteps, ...(metricsFile ? { metricsFile } : {}) })
+      const ckpt = yield* Checkpointer
+      const manifest = yield* ckpt.readManifest(r.steps)
+      return {
+        steps: r.steps,
+        startStep: r.startStep,
+        params: Object.fromEntries(
+          Object.entries(r.params).map(([k, v]) => [k, Array.from(toHost(v) as Float32Array)]),
+        ),
+        mu: Object.fromEntries(
+          Object.entries(r.optState.mu).map(([k, v]) => [k, Array.from(toHost(v) as Float32Array)]),
+        ),
+        scalars: Array.from(toHost(r.optState.scalars) as Float64Array),
+        position: manifest.dataPosition,
+      }
+    }).pipe(
+      Effect.scoped,
+      Effect.provide(
+        Checkpointer.layer({ directory, saveInterval: 2 }).pipe(
+          Layer.provideMerge(Layer.mergeAll(CpuRuntime({ devices: 2 }), Hub.layer)),
+        ),
+      ),
+    ),
+  )
+
+it("k steps, a restart from the checkpoint, then N − k steps equal N steps straight", async () => {
+  const straightDir = mkdtempSync(join(tmpdir(), "magix-train-a-"))
+  const resumedDir = mkdtempSync(join(tmpdir(), "magix-train-b-"))
+  const metrics = join(straightDir, "metrics.jsonl")
+  const straight = await train(straightDir, 6, metrics)
+  const first = await train(resumedDir, 4)
+  const resumed = await train(resumedDir, 6)
+  expect(first.steps).toBe(4)
+  expect(resumed.startStep).toBe(4)
+  expect(resumed.steps).toBe(6)
+  expect(resumed.params).toEqual(straight.params)
+  expect(resumed.mu).toEqual(straight.mu)
+  expect(resumed.scalars).toEqual(straight.scalars)
+  expect(resumed.position).toEqual(straight.position)
+  const lines = readFileSync(metrics, "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l))
+  expect(lines.map((l) => l.step)).toEqual([1, 2, 3, 4, 5, 6])
+  for (const l of lines) {
+    expect(Number.isFinite(l.loss)).toBe(true)
+    expect(l.deviceMemory.peak.length).toBe(2)
+  }
+}, 120_000)
