@@ -1,40 +1,63 @@
 /**
  * Checkpoints as orbax's CheckpointManager keeps them: a directory per step holding a Zarr v3
  * group, one array per tree leaf chunked by the sharding it was saved from (each distinct device
- * block is one chunk, with a crc32c), plus manifest.json, written last.
+ * block is one chunk, written once by one replica, with a crc32c), plus manifest.json, written
+ * last. The layout is described in src/core/checkpointManifest.ts.
  *
  * Save snapshots the device blocks to host memory (the only part the caller waits for) and writes
  * them in a background fiber with bounded concurrency while training goes on. The write goes to
  * `<step>.tmp-<random>/`, every file and directory is fsynced, and the directory is renamed into
  * place and its parent fsynced: a crash at any instant leaves earlier steps intact and never a
- * step that looks complete but is not.
+ * step that looks complete but is not. Deleting a step (retention) renames it to a temporary
+ * name first, for the same reason.
  *
  * Restore places each array onto any mesh and sharding: every device block is assembled from the
- * chunks that overlap it (and only those), each checked against its crc32c.
+ * chunks that overlap it (and only those), each checked against its crc32c. Names inside a
+ * checkpoint are untrusted: they are checked as single safe folder names, symbolic links are
+ * refused, and no path can leave the step directory.
  */
 import { randomBytes } from "node:crypto"
+import { constants } from "node:fs"
 import * as fs from "node:fs/promises"
 import { join } from "node:path"
+import { fileURLToPath } from "node:url"
 import { crc32c } from "@node-rs/crc32"
-import { Context, Deferred, Effect, Layer, Option, Schema, type Scope } from "effect"
+import { Cause, Context, Deferred, Effect, Exit, Layer, Option, Schema } from "effect"
 import { boxArgs } from "../core/backend.ts"
-import { CheckpointManifest, MANIFEST_FILE, type SavedArray } from "../core/checkpointManifest.ts"
+import {
+  arrayPath,
+  CheckpointManifest,
+  checkpointNameProblem,
+  isTemporaryName,
+  MANIFEST_FILE,
+  MANIFEST_FORMAT,
+  type SavedArray,
+  type SpecJson,
+  stepDirectoryName,
+  stepOfDirectoryName,
+} from "../core/checkpointManifest.ts"
 import { type DType, itemSize } from "../core/dtype.ts"
+import type { Mesh } from "../core/mesh.ts"
 import type { PartitionRules } from "../core/partitionRules.ts"
-import { numel } from "../core/shape.ts"
+import { formatShape, numel } from "../core/shape.ts"
 import { allocateArray, isShardedArray, type ShardedArray, slicesByBlock } from "../core/shardedArray.ts"
 import type { NamedSharding } from "../core/sharding.ts"
 import { flattenWithPath, type IsLeaf, mapWithPath, type Tree } from "../core/tree.ts"
 import {
   arrayMetadata,
+  type ChunkOverlap,
   chunkKey,
+  chunkOfBlock,
   chunksOverlapping,
+  encodeMetadata,
   groupMetadata,
   parseArrayMetadata,
+  ZARR_JSON,
 } from "../core/zarr.ts"
 import { Devices } from "./Devices.ts"
 
-const LIBRARY = "magix-ts 0.1.0"
+// ---------------------------------------------------------------------------------------------
+// Errors
 
 export class CheckpointWriteFailed extends Schema.TaggedError<CheckpointWriteFailed>()(
   "CheckpointWriteFailed",
@@ -47,11 +70,11 @@ export class CheckpointWriteFailed extends Schema.TaggedError<CheckpointWriteFai
 ) {
   override get message() {
     const why =
-      this.code === "ENOSPC"
-        ? "no space left on the device: free space or choose another --checkpoint-dir"
-        : this.code === "EACCES" || this.code === "EPERM"
+      this.code === "ENOSPC" || this.code === "EDQUOT"
+        ? "no space left on the device: free space, lower maxToKeep or choose another --checkpoint-dir"
+        : this.code === "EACCES" || this.code === "EPERM" || this.code === "EROFS"
           ? "permission denied: check that the checkpoint directory is writable"
-          : this.detail
+          : `${this.detail} (${this.code})`
     return `could not save step ${this.step} to ${this.directory}: ${why}. Earlier checkpoints are intact.`
   }
 }
@@ -61,7 +84,7 @@ export class CheckpointNotFound extends Schema.TaggedError<CheckpointNotFound>()
   step: Schema.Number,
 }) {
   override get message() {
-    return `no complete checkpoint for step ${this.step} in ${this.directory}`
+    return `no complete checkpoint for step ${this.step} in ${this.directory}: list the saved steps with allSteps (or latestStep)`
   }
 }
 
@@ -73,7 +96,8 @@ export class CheckpointCorrupt extends Schema.TaggedError<CheckpointCorrupt>()("
   detail: Schema.String,
 }) {
   override get message() {
-    return `checkpoint step ${this.step} in ${this.directory}: chunk ${this.chunk} of ${this.array} ${this.detail}; the file is damaged: restore an earlier step`
+    const where = this.chunk === "" ? this.array : `chunk ${this.chunk} of ${this.array}`
+    return `checkpoint step ${this.step} in ${this.directory}: ${where} ${this.detail}; the files are damaged: restore an earlier step`
   }
 }
 
@@ -83,15 +107,16 @@ export class CheckpointMismatch extends Schema.TaggedError<CheckpointMismatch>()
   detail: Schema.String,
 }) {
   override get message() {
-    return `checkpoint step ${this.step}: ${this.array} ${this.detail}; it was saved from a different model or configuration`
+    return `checkpoint step ${this.step}: ${this.array} ${this.detail}; restore with the model, dtype and item names it was saved with`
   }
 }
 
 export class UnsafeCheckpointPath extends Schema.TaggedError<UnsafeCheckpointPath>()("UnsafeCheckpointPath", {
   path: Schema.String,
+  reason: Schema.String,
 }) {
   override get message() {
-    return `refusing checkpoint path "${this.path}": names are letters, digits, '.', '_' and '-' only, and may not leave the step directory`
+    return `refusing checkpoint path "${this.path}": ${this.reason}; rename the tree key (names are letters, digits, '.', '_' and '-', and stay inside the step directory)`
   }
 }
 
@@ -102,6 +127,9 @@ export type CheckpointError =
   | CheckpointMismatch
   | UnsafeCheckpointPath
 
+// ---------------------------------------------------------------------------------------------
+// Public types
+
 /** What restore needs to know of each array: where it goes. */
 export interface ArrayTarget {
   readonly shape: ReadonlyArray<number>
@@ -109,7 +137,16 @@ export interface ArrayTarget {
   readonly sharding: NamedSharding
 }
 
-/** What the caller stores next to the arrays. */
+/** A tree of targets with every target replaced by the array restored for it. */
+export type Restored<T> = T extends ArrayTarget
+  ? ShardedArray
+  : T extends ReadonlyArray<infer U>
+    ? ReadonlyArray<Restored<U>>
+    : T extends object
+      ? { readonly [K in keyof T]: Restored<T[K]> }
+      : never
+
+/** What the caller stores next to the arrays (opaque JSON except the rules). */
 export interface SaveMetadata {
   readonly rules?: PartitionRules
   readonly dataPosition?: unknown
@@ -120,11 +157,14 @@ export interface SaveMetadata {
 
 /** The file operations a save makes; tests swap in failing ones (a full disk). */
 export interface CheckpointIO {
-  /** Creates the file, writes all bytes and fsyncs it. */
+  /** Creates the file (it must not exist), writes all bytes and fsyncs it. */
   readonly writeFile: (path: string, data: Uint8Array) => Promise<void>
+  /** Creates a directory and any missing parents. */
   readonly mkdir: (path: string) => Promise<void>
   readonly fsyncDir: (path: string) => Promise<void>
   readonly rename: (from: string, to: string) => Promise<void>
+  /** Removes a directory tree (links are removed, never followed). */
+  readonly remove: (path: string) => Promise<void>
 }
 
 export const nodeIO: CheckpointIO = {
@@ -150,33 +190,86 @@ export const nodeIO: CheckpointIO = {
     }
   },
   rename: (from, to) => fs.rename(from, to),
+  remove: (path) => fs.rm(path, { recursive: true, force: true }),
 }
 
 export interface CheckpointerOptions {
   readonly directory: string
   /** Save every this many steps (orbax's save_interval_steps); 1 by default. */
   readonly saveInterval?: number
-  /** Keep at most this many complete steps, deleting the oldest; all by default. */
+  /** Keep at most this many complete steps, deleting the oldest after each successful save; all by default. */
   readonly maxToKeep?: number
-  /** Files written at once. */
+  /** Files written at once by a save, and chunks read at once by a restore; 8 by default. */
   readonly maxConcurrentWrites?: number
+  /** The file system a save writes through (a seam for tests); node:fs by default. */
   readonly io?: CheckpointIO
 }
 
 export interface CheckpointStats {
+  /** The last save: chunk and metadata bytes written, chunks written. */
   readonly bytesWritten: number
+  readonly chunksWritten: number
+  /** How long the last save held the caller (the snapshot to host memory). */
   readonly snapshotMs: number
+  /** How long the last background write took, rename and fsyncs included. */
   readonly writeMs: number
-  /** Chunk bytes read per mesh position by the last restore. */
+  /** The last restore: chunk bytes and chunks each mesh position needed (the chunks overlapping its slices). */
   readonly restoreBytesPerPosition: ReadonlyArray<number>
   readonly restoreChunksPerPosition: ReadonlyArray<number>
+  /** The last restore: bytes actually read from disk (a chunk several blocks need is read once per array). */
+  readonly restoreBytesRead: number
+  readonly restoreMs: number
 }
 
-const safeName = /^[A-Za-z0-9_][A-Za-z0-9_.-]*$/
-const checkName = (name: string) =>
-  safeName.test(name) && name !== "." && name !== ".." && !name.includes("..")
-    ? Effect.void
-    : Effect.fail(new UnsafeCheckpointPath({ path: name }))
+// ---------------------------------------------------------------------------------------------
+// The service
+
+export class Checkpointer extends Context.Service<
+  Checkpointer,
+  {
+    readonly directory: string
+    /**
+     * Whether `step` is one to save: a multiple of saveInterval, or `force` (the last step); never
+     * a step at or before the last one saved (orbax's rule).
+     */
+    readonly shouldSave: (step: number, force?: boolean) => boolean
+    /**
+     * Snapshots the arrays to host memory now (waiting first for a save still in flight) and
+     * writes them in the background. A failure of the write surfaces in `wait` or the next save.
+     */
+    readonly save: (
+      step: number,
+      items: Readonly<Record<string, Tree<ShardedArray>>>,
+      metadata?: SaveMetadata,
+    ) => Effect.Effect<void, CheckpointWriteFailed | UnsafeCheckpointPath>
+    /** Waits for the save in flight, if any, failing with its error (reported once). */
+    readonly wait: Effect.Effect<void, CheckpointWriteFailed>
+    /** The step being written in the background, if any. */
+    readonly pendingStep: Effect.Effect<Option.Option<number>>
+    /** The newest complete step. */
+    readonly latestStep: Effect.Effect<Option.Option<number>>
+    /** Every complete step, oldest first. */
+    readonly allSteps: Effect.Effect<ReadonlyArray<number>>
+    readonly readManifest: (
+      step: number,
+    ) => Effect.Effect<CheckpointManifest, CheckpointNotFound | CheckpointCorrupt>
+    /**
+     * The arrays of `items` (all or some of the items saved) placed as each target says: any mesh,
+     * any sharding. Each device block is assembled from the chunks overlapping it.
+     */
+    readonly restore: <const T extends Readonly<Record<string, Tree<ArrayTarget>>>>(
+      step: number,
+      items: T,
+    ) => Effect.Effect<{ readonly [K in keyof T]: Restored<T[K]> }, CheckpointError>
+    readonly stats: Effect.Effect<CheckpointStats>
+  }
+>()("magix/Checkpointer") {
+  static readonly layer = (options: CheckpointerOptions): Layer.Layer<Checkpointer, never, Devices> =>
+    Layer.effect(Checkpointer, make(options))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internals
 
 const isArrayTarget: IsLeaf<ArrayTarget> = (x): x is ArrayTarget =>
   typeof x === "object" &&
@@ -185,193 +278,287 @@ const isArrayTarget: IsLeaf<ArrayTarget> = (x): x is ArrayTarget =>
   "sharding" in x &&
   "dtype" in x
 
-const stepName = (step: number) => String(step)
-
-/** One array's blocks copied off the devices: what a background write needs. */
+/** One array's distinct blocks copied off the devices: what the background write needs. */
 interface Snapshot {
   readonly item: string
-  readonly path: string
-  readonly array: SavedArray
+  /** The leaf's tree path ("" where the item is the array). */
+  readonly leaf: string
+  readonly saved: SavedArray
   readonly chunkShape: ReadonlyArray<number>
+  /** Chunk key and encoded bytes (data, then its crc32c, little-endian). */
   readonly chunks: ReadonlyArray<{ readonly key: string; readonly bytes: Uint8Array }>
 }
 
-export class Checkpointer extends Context.Service<
-  Checkpointer,
-  {
-    readonly directory: string
-    readonly shouldSave: (step: number, force?: boolean) => boolean
-    /** Snapshots now; writes in the background. A failure of the write surfaces in `wait` (or the next save). */
-    readonly save: (
-      step: number,
-      items: Readonly<Record<string, Tree<ShardedArray>>>,
-      metadata?: SaveMetadata,
-    ) => Effect.Effect<void, CheckpointWriteFailed | UnsafeCheckpointPath>
-    /** Waits for the save in flight, if any. */
-    readonly wait: Effect.Effect<void, CheckpointWriteFailed>
-    readonly latestStep: Effect.Effect<Option.Option<number>>
-    readonly allSteps: Effect.Effect<ReadonlyArray<number>>
-    readonly readManifest: (
-      step: number,
-    ) => Effect.Effect<CheckpointManifest, CheckpointNotFound | CheckpointCorrupt>
-    readonly restore: <const T extends Readonly<Record<string, Tree<ArrayTarget>>>>(
-      step: number,
-      items: T,
-    ) => Effect.Effect<{ [K in keyof T]: Tree<ShardedArray> }, CheckpointError, Devices>
-    readonly stats: Effect.Effect<CheckpointStats>
+const errorCode = (e: unknown): string =>
+  typeof e === "object" && e !== null && typeof (e as { code?: unknown }).code === "string"
+    ? (e as { code: string }).code
+    : "EIO"
+
+const errorText = (e: unknown): string => (e instanceof Error ? e.message : String(e))
+
+const utf8 = new TextEncoder()
+const jsonBytes = (x: unknown) => utf8.encode(`${JSON.stringify(x, null, 2)}\n`)
+
+const randomSuffix = () => randomBytes(6).toString("hex")
+
+/** Checks an item name and a leaf path (each one folder). */
+const checkNames = (item: string, leaf: string) => {
+  for (const name of leaf === "" ? [item] : [item, leaf]) {
+    const problem = checkpointNameProblem(name)
+    if (problem)
+      return Effect.fail(new UnsafeCheckpointPath({ path: arrayPath(item, leaf), reason: problem }))
   }
->()("magix/Checkpointer") {
-  static readonly layer = (options: CheckpointerOptions): Layer.Layer<Checkpointer, never, Devices> =>
-    Layer.effect(Checkpointer, make(options))
+  return Effect.void
 }
 
-const ioError = (directory: string, step: number) => (e: unknown) =>
-  new CheckpointWriteFailed({
-    directory,
-    step,
-    code:
-      typeof e === "object" && e !== null && typeof (e as { code?: unknown }).code === "string"
-        ? (e as { code: string }).code
-        : "EIO",
-    detail: e instanceof Error ? e.message : String(e),
-  })
+/** Reads a whole regular file inside a checkpoint, refusing a symbolic link in its place. */
+const readRegularFile = async (path: string, maxBytes: number): Promise<Uint8Array> => {
+  const h = await fs.open(path, constants.O_RDONLY | constants.O_NOFOLLOW)
+  try {
+    const st = await h.stat()
+    if (!st.isFile()) throw Object.assign(new Error("not a regular file"), { code: "ENOTFILE" })
+    if (st.size > maxBytes) throw Object.assign(new Error(`${st.size} bytes`), { code: "ETOOBIG" })
+    const out = new Uint8Array(st.size)
+    let off = 0
+    while (off < out.byteLength) {
+      const { bytesRead } = await h.read(out, off, out.byteLength - off, off)
+      if (bytesRead === 0) break
+      off += bytesRead
+    }
+    return off === out.byteLength ? out : out.subarray(0, off)
+  } finally {
+    await h.close()
+  }
+}
 
-const make = (
-  options: CheckpointerOptions,
-): Effect.Effect<Checkpointer["Service"], never, Devices | Scope.Scope> =>
+/** Metadata documents are small; anything larger than this is not one of ours. */
+const MAX_JSON_BYTES = 64 << 20
+
+const libraryVersion = Effect.promise(() =>
+  fs
+    .readFile(fileURLToPath(new URL("../../package.json", import.meta.url)), "utf8")
+    .then((t) => `magix-ts ${(JSON.parse(t) as { version?: string }).version ?? "unknown"}`)
+    .catch(() => "magix-ts"),
+)
+
+const make = (options: CheckpointerOptions) =>
   Effect.gen(function* () {
     const devices = yield* Devices
     const root = options.directory
     const io = options.io ?? nodeIO
-    const interval = Math.max(1, options.saveInterval ?? 1)
-    const concurrency = Math.max(1, options.maxConcurrentWrites ?? 8)
-    let inFlight: Deferred.Deferred<void, CheckpointWriteFailed> | undefined
+    const interval = Math.max(1, Math.floor(options.saveInterval ?? 1))
+    const concurrency = Math.max(1, Math.floor(options.maxConcurrentWrites ?? 8))
+    const library = yield* libraryVersion
+
+    let pending:
+      | { readonly step: number; readonly done: Deferred.Deferred<void, CheckpointWriteFailed> }
+      | undefined
     let stats: CheckpointStats = {
       bytesWritten: 0,
+      chunksWritten: 0,
       snapshotMs: 0,
       writeMs: 0,
       restoreBytesPerPosition: [],
       restoreChunksPerPosition: [],
+      restoreBytesRead: 0,
+      restoreMs: 0,
     }
-    const scope = yield* Effect.scope
 
-    // Leftovers of a save that never finished are not checkpoints: remove them.
+    // Leftovers of a save or deletion that never finished are not checkpoints: remove them.
     yield* Effect.promise(async () => {
       const names = await fs.readdir(root).catch(() => [] as string[])
       await Promise.all(
-        names
-          .filter((n) => /\.tmp-/.test(n))
-          .map((n) => fs.rm(join(root, n), { recursive: true, force: true })),
+        names.filter(isTemporaryName).map((n) => nodeIO.remove(join(root, n)).catch(() => undefined)),
       )
     })
+
+    /** Whether `<root>/<name>` is a complete step: a real directory with a valid manifest for it. */
+    const isComplete = async (name: string, step: number) => {
+      const st = await fs.lstat(join(root, name)).catch(() => undefined)
+      if (!st?.isDirectory()) return false
+      const text = await readRegularFile(join(root, name, MANIFEST_FILE), MAX_JSON_BYTES).catch(
+        () => undefined,
+      )
+      if (!text) return false
+      try {
+        const m = JSON.parse(Buffer.from(text).toString("utf8")) as unknown
+        return Schema.is(CheckpointManifest)(m) && m.step === step
+      } catch {
+        return false
+      }
+    }
 
     const completeSteps = Effect.promise(async () => {
       const names = await fs.readdir(root).catch(() => [] as string[])
       const steps: number[] = []
       for (const n of names) {
-        if (!/^\d+$/.test(n)) continue
-        const ok = await fs
-          .readFile(join(root, n, MANIFEST_FILE), "utf8")
-          .then((t) => Schema.is(CheckpointManifest)(JSON.parse(t)))
-          .catch(() => false)
-        if (ok) steps.push(Number(n))
+        const step = stepOfDirectoryName(n)
+        if (step !== undefined && (await isComplete(n, step))) steps.push(step)
       }
       return steps.sort((a, b) => a - b)
     })
 
-    const wait = Effect.suspend(() => (inFlight ? Deferred.await(inFlight) : Effect.void))
+    // orbax's should_save never re-saves a step at or before the newest one.
+    let lastSaved = (yield* completeSteps).at(-1)
 
-    const write = (step: number, snaps: ReadonlyArray<Snapshot>, manifest: CheckpointManifest) =>
-      Effect.gen(function* () {
-        const t0 = performance.now()
-        const tmp = join(root, `${stepName(step)}.tmp-${randomBytes(6).toString("hex")}`)
-        const final = join(root, stepName(step))
-        const run = <A>(f: () => Promise<A>) => Effect.tryPromise({ try: f, catch: ioError(root, step) })
-        const body = Effect.gen(function* () {
-          yield* run(() => io.mkdir(tmp))
-          yield* run(() => io.writeFile(join(tmp, "zarr.json"), jsonBytes(groupMetadata({ step }))))
-          const items = [...new Set(snaps.map((s) => s.item))]
-          for (const item of items) {
-            yield* run(() => io.mkdir(join(tmp, item)))
-            yield* run(() => io.writeFile(join(tmp, item, "zarr.json"), jsonBytes(groupMetadata())))
-          }
-          const dirs = new Set<string>()
-          let bytes = 0
-          const files: Array<{ path: string; data: Uint8Array }> = []
-          for (const s of snaps) {
-            const dir = join(tmp, s.item, s.path)
-            files.push({
-              path: join(dir, "zarr.json"),
-              data: jsonBytes(
-                arrayMetadata(s.array.shape, s.array.dtype as DType, s.chunkShape, { spec: s.array.spec }),
-              ),
-            })
-            dirs.add(dir)
-            for (const c of s.chunks) {
-              const path = join(dir, ...c.key.split("/"))
-              dirs.add(path.slice(0, path.lastIndexOf("/")))
-              files.push({ path, data: c.bytes })
-              bytes += c.bytes.byteLength
-            }
-          }
-          for (const d of [...dirs].sort()) yield* run(() => io.mkdir(d))
-          yield* Effect.forEach(files, (f) => run(() => io.writeFile(f.path, f.data)), {
-            concurrency,
-            discard: true,
-          })
-          for (const d of [...dirs].sort().reverse()) yield* run(() => io.fsyncDir(d))
-          for (const item of items) yield* run(() => io.fsyncDir(join(tmp, item)))
-          // The manifest last: until it exists, the step is not a checkpoint.
-          yield* run(() => io.writeFile(join(tmp, MANIFEST_FILE), jsonBytes(manifest)))
-          yield* run(() => io.fsyncDir(tmp))
-          yield* run(() => fs.rm(final, { recursive: true, force: true }))
-          yield* run(() => io.rename(tmp, final))
-          yield* run(() => io.fsyncDir(root))
-          stats = { ...stats, bytesWritten: bytes, writeMs: performance.now() - t0 }
-          if (options.maxToKeep !== undefined) {
-            const steps = yield* completeSteps
-            const drop = steps.slice(0, Math.max(0, steps.length - options.maxToKeep))
-            for (const s of drop)
-              yield* run(() => fs.rm(join(root, stepName(s)), { recursive: true, force: true }))
-          }
-        })
-        yield* body.pipe(
-          Effect.onError(() => Effect.promise(() => fs.rm(tmp, { recursive: true, force: true }))),
-        )
-      })
+    const wait: Effect.Effect<void, CheckpointWriteFailed> = Effect.suspend(() => {
+      const p = pending
+      if (!p) return Effect.void
+      // The failure is reported once: whoever sees it clears it, and later saves start afresh.
+      return Deferred.await(p.done).pipe(
+        Effect.ensuring(
+          Effect.sync(() => {
+            if (pending === p) pending = undefined
+          }),
+        ),
+      )
+    })
+
+    // -------------------------------------------------------------------------------------------
+    // Save
 
     const snapshot = (items: Readonly<Record<string, Tree<ShardedArray>>>) =>
       Effect.gen(function* () {
         const snaps: Snapshot[] = []
+        const seen = new Set<string>()
+        let mesh: Mesh | undefined
         for (const [item, tree] of Object.entries(items)) {
-          yield* checkName(item)
-          for (const [path, arr] of flattenWithPath(tree, isShardedArray)) {
-            yield* checkName(path)
+          for (const [leaf, arr] of flattenWithPath(tree, isShardedArray)) {
+            yield* checkNames(item, leaf)
+            const path = arrayPath(item, leaf)
+            if (seen.has(path))
+              return yield* new UnsafeCheckpointPath({
+                path,
+                reason: "two leaves of the tree have this path (keys with '.' collide with nesting)",
+              })
+            seen.add(path)
+            if (arr.partial.length > 0)
+              return yield* Effect.die(
+                new Error(`checkpoint of ${path}: the array is still partial over ${arr.partial}`),
+              )
+            mesh ??= arr.mesh
             const chunkShape = arr.localShape
             const esize = itemSize(arr.dtype)
             const bytes = numel(chunkShape) * esize
-            const chunks = slicesByBlock(arr.sharding, arr.shape).map(({ slice, positions }) => {
-              // Each distinct block once, from one of the devices holding it; 4 extra bytes for the crc.
-              const data = new Uint8Array(bytes + 4)
-              devices.backend.read(arr.buffer(positions[0]!), 0, bytes, data.subarray(0, bytes))
-              new DataView(data.buffer).setUint32(bytes, crc32c(data.subarray(0, bytes)), true)
-              return { key: chunkKey(slice.offsets.map((o, d) => o / chunkShape[d]!)), bytes: data }
-            })
+            const chunks: Array<{ key: string; bytes: Uint8Array }> = []
+            if (bytes > 0)
+              for (const { slice, positions } of slicesByBlock(arr.sharding, arr.shape)) {
+                // Each distinct block once, from the first device holding it, plus 4 bytes of crc32c.
+                const coords = chunkOfBlock(arr.shape, chunkShape, slice)!
+                const data = new Uint8Array(bytes + 4)
+                devices.backend.read(arr.buffer(positions[0]!), 0, bytes, data.subarray(0, bytes))
+                new DataView(data.buffer).setUint32(bytes, crc32c(data.subarray(0, bytes)), true)
+                chunks.push({ key: chunkKey(coords), bytes: data })
+              }
             snaps.push({
               item,
-              path,
+              leaf,
               chunkShape,
-              array: {
-                path: `${item}/${path}`,
+              saved: {
+                path,
                 shape: [...arr.shape],
                 dtype: arr.dtype,
-                spec: arr.spec.padTo(arr.rank).toJSON() as SavedArray["spec"],
+                spec: arr.spec.padTo(arr.rank).toJSON() as SpecJson,
+                chunkShape: [...chunkShape],
               },
               chunks,
             })
           }
         }
-        return snaps
+        return { snaps, mesh }
+      })
+
+    /** Renames a step out of the way and removes it: a crash in between leaves only a temporary name. */
+    const discard = (name: string) =>
+      Effect.promise(async () => {
+        const aside = join(root, `${name}.tmp-del-${randomSuffix()}`)
+        await io.rename(join(root, name), aside)
+        await io.fsyncDir(root)
+        await io.remove(aside)
+      })
+
+    const write = (step: number, snaps: ReadonlyArray<Snapshot>, manifest: CheckpointManifest) =>
+      Effect.gen(function* () {
+        const t0 = performance.now()
+        const name = stepDirectoryName(step)
+        const tmp = join(root, `${name}.tmp-${randomSuffix()}`)
+        const final = join(root, name)
+        const run = <A>(f: () => Promise<A>) =>
+          Effect.tryPromise({
+            try: f,
+            catch: (e) =>
+              new CheckpointWriteFailed({ directory: root, step, code: errorCode(e), detail: errorText(e) }),
+          })
+        const files: Array<{ path: string; data: Uint8Array }> = []
+        const dirs = new Set<string>([tmp])
+        files.push({ path: join(tmp, ZARR_JSON), data: utf8.encode(encodeMetadata(groupMetadata({ step }))) })
+        let bytes = 0
+        for (const s of snaps) {
+          const dir = s.leaf === "" ? join(tmp, s.item) : join(tmp, s.item, s.leaf)
+          if (s.leaf !== "" && !dirs.has(join(tmp, s.item))) {
+            dirs.add(join(tmp, s.item))
+            files.push({
+              path: join(tmp, s.item, ZARR_JSON),
+              data: utf8.encode(encodeMetadata(groupMetadata())),
+            })
+          }
+          dirs.add(dir)
+          const meta = arrayMetadata(s.saved.shape, s.saved.dtype, s.chunkShape, { spec: s.saved.spec })
+          files.push({ path: join(dir, ZARR_JSON), data: utf8.encode(encodeMetadata(meta)) })
+          for (const c of s.chunks) {
+            const parts = c.key.split("/")
+            for (let i = 1; i < parts.length; i++) dirs.add(join(dir, ...parts.slice(0, i)))
+            files.push({ path: join(dir, ...parts), data: c.bytes })
+          }
+        }
+        for (const f of files) bytes += f.data.byteLength
+        const chunkCount = snaps.reduce((n, s) => n + s.chunks.length, 0)
+        // Parents before children; fsync children before parents, so each entry is durable before its name.
+        const ordered = [...dirs].sort((a, b) => a.length - b.length)
+        const body = Effect.gen(function* () {
+          for (const d of ordered) yield* run(() => io.mkdir(d))
+          yield* Effect.forEach(files, (f) => run(() => io.writeFile(f.path, f.data)), {
+            concurrency,
+            discard: true,
+          })
+          yield* Effect.forEach([...ordered].reverse(), (d) => run(() => io.fsyncDir(d)), {
+            concurrency,
+            discard: true,
+          })
+          // The manifest last: until it exists, the directory is not a checkpoint (nor is it named like one).
+          yield* run(() => io.writeFile(join(tmp, MANIFEST_FILE), jsonBytes(manifest)))
+          yield* run(() => io.fsyncDir(tmp))
+          // Saving a step again replaces it; the old copy is moved aside, not deleted, until the new one is in place.
+          const aside = join(root, `${name}.tmp-old-${randomSuffix()}`)
+          const replaced = yield* run(() =>
+            io.rename(final, aside).then(
+              () => true,
+              (e) => {
+                if (errorCode(e) === "ENOENT") return false
+                throw e
+              },
+            ),
+          )
+          yield* run(() => io.rename(tmp, final)).pipe(
+            Effect.tapError(() =>
+              replaced ? Effect.promise(() => io.rename(aside, final).catch(() => undefined)) : Effect.void,
+            ),
+          )
+          yield* run(() => io.fsyncDir(root))
+          if (replaced) yield* run(() => io.remove(aside))
+        })
+        yield* body.pipe(Effect.onError(() => Effect.promise(() => io.remove(tmp).catch(() => undefined))))
+        stats = { ...stats, bytesWritten: bytes, chunksWritten: chunkCount, writeMs: performance.now() - t0 }
+        if (options.maxToKeep !== undefined) {
+          const steps = yield* completeSteps
+          const drop = steps.slice(0, Math.max(0, steps.length - Math.max(1, options.maxToKeep)))
+          for (const s of drop)
+            yield* discard(stepDirectoryName(s)).pipe(
+              Effect.catchCause(() =>
+                Effect.logWarning(`checkpoint retention: could not delete step ${s} in ${root}`),
+              ),
+            )
+        }
       })
 
     const save = (
@@ -380,221 +567,294 @@ const make = (
       metadata: SaveMetadata = {},
     ) =>
       Effect.gen(function* () {
+        if (!Number.isSafeInteger(step) || step < 0)
+          return yield* Effect.die(new Error(`checkpoint step must be a non-negative integer, got ${step}`))
+        for (const item of Object.keys(items)) yield* checkNames(item, "")
+        // A second save waits for the first; its failure, if any, is this save's failure.
         yield* wait
         const t0 = performance.now()
-        const snaps = yield* snapshot(items)
-        stats = { ...stats, snapshotMs: performance.now() - t0 }
-        const meshOf = Object.values(items)
-          .flatMap((t) => flattenWithPath(t, isShardedArray))
-          .map(([, a]) => a.mesh)[0]
+        const { snaps, mesh } = yield* snapshot(items)
+        const snapshotMs = performance.now() - t0
+        stats = { ...stats, snapshotMs }
         const manifest: CheckpointManifest = {
-          format: "magix-checkpoint-1",
+          format: MANIFEST_FORMAT,
           step,
-          library: LIBRARY,
+          library,
           createdAt: new Date().toISOString(),
-          mesh: { shape: [...(meshOf?.shape ?? [])], axisNames: [...(meshOf?.axisNames ?? [])] },
+          mesh: { shape: [...(mesh?.shape ?? [])], axisNames: [...(mesh?.axisNames ?? [])] },
           rules: (metadata.rules ?? []).map(([p, s]) => [
-            String(typeof p === "string" ? p : p.source),
-            s.toJSON() as SavedArray["spec"],
+            typeof p === "string" ? p : p.source,
+            s.toJSON() as SpecJson,
           ]),
           items: Object.keys(items),
-          arrays: snaps.map((s) => s.array),
+          arrays: snaps.map((s) => s.saved),
           ...(metadata.dataPosition !== undefined ? { dataPosition: metadata.dataPosition } : {}),
           ...(metadata.rng !== undefined ? { rng: metadata.rng } : {}),
           ...(metadata.modelConfig !== undefined ? { modelConfig: metadata.modelConfig } : {}),
           ...(metadata.extras ? { extras: metadata.extras } : {}),
         }
         const done = yield* Deferred.make<void, CheckpointWriteFailed>()
-        inFlight = done
-        yield* write(step, snaps, manifest).pipe(
-          Effect.exit,
-          Effect.flatMap((exit) => Deferred.done(done, exit)),
-          Effect.forkIn(scope),
+        pending = { step, done }
+        lastSaved = Math.max(lastSaved ?? step, step)
+        // Detached: the write outlives the caller's fiber; the layer's finalizer waits for it.
+        yield* Effect.forkDetach(
+          write(step, snaps, manifest).pipe(
+            Effect.onExit((exit) =>
+              Deferred.done(
+                done,
+                Exit.isSuccess(exit) || Exit.hasFails(exit)
+                  ? exit
+                  : Exit.fail(
+                      Exit.hasInterrupts(exit)
+                        ? new CheckpointWriteFailed({
+                            directory: root,
+                            step,
+                            code: "EINTR",
+                            detail: "the save was interrupted",
+                          })
+                        : new CheckpointWriteFailed({
+                            directory: root,
+                            step,
+                            code: "EIO",
+                            detail: Cause.pretty(exit.cause),
+                          }),
+                    ),
+              ),
+            ),
+          ),
         )
       })
+
+    // -------------------------------------------------------------------------------------------
+    // Manifest and restore
 
     const readManifest = (step: number) =>
       Effect.gen(function* () {
-        const path = join(root, stepName(step), MANIFEST_FILE)
-        const text = yield* Effect.tryPromise({
-          try: () => fs.readFile(path, "utf8"),
-          catch: () => new CheckpointNotFound({ directory: root, step }),
+        const name = stepDirectoryName(step)
+        const notFound = new CheckpointNotFound({ directory: root, step })
+        if (!Number.isSafeInteger(step) || step < 0) return yield* notFound
+        const corrupt = (detail: string) =>
+          new CheckpointCorrupt({ directory: root, step, array: MANIFEST_FILE, chunk: "", detail })
+        const st = yield* Effect.promise(() => fs.lstat(join(root, name)).catch(() => undefined))
+        if (!st?.isDirectory()) return yield* notFound
+        const bytes = yield* Effect.tryPromise({
+          try: () => readRegularFile(join(root, name, MANIFEST_FILE), MAX_JSON_BYTES),
+          catch: () => notFound,
         })
         const json = yield* Effect.try({
-          try: () => JSON.parse(text) as unknown,
-          catch: () =>
-            new CheckpointCorrupt({
-              directory: root,
-              step,
-              array: MANIFEST_FILE,
-              chunk: "-",
-              detail: "is not valid JSON",
-            }),
+          try: () => JSON.parse(Buffer.from(bytes).toString("utf8")) as unknown,
+          catch: () => corrupt("is not valid JSON"),
         })
-        return yield* Schema.decodeUnknownEffect(CheckpointManifest)(json).pipe(
-          Effect.mapError(
-            () =>
-              new CheckpointCorrupt({
-                directory: root,
-                step,
-                array: MANIFEST_FILE,
-                chunk: "-",
-                detail: "is not a manifest",
-              }),
-          ),
+        const manifest = yield* Schema.decodeUnknownEffect(CheckpointManifest)(json).pipe(
+          Effect.mapError((e) => corrupt(`is not a manifest: ${e.message}`)),
         )
+        if (manifest.step !== step) return yield* corrupt(`is the manifest of step ${manifest.step}`)
+        for (const a of manifest.arrays) {
+          const bad = a.path.split("/").some((part) => checkpointNameProblem(part) !== undefined)
+          if (bad || a.path.split("/").length > 2)
+            return yield* corrupt(`lists an unsafe array path "${a.path}"`)
+        }
+        return manifest
       })
+
+    interface Tally {
+      readonly bytes: number[]
+      readonly chunks: number[]
+      read: number
+    }
 
     const restoreArray = (
       step: number,
+      stepDir: string,
+      realStepDir: string,
+      manifest: CheckpointManifest,
       item: string,
-      path: string,
+      leaf: string,
       target: ArrayTarget,
-      perPosition: { bytes: number[]; chunks: number[] },
+      tally: Tally,
     ) =>
       Effect.gen(function* () {
-        yield* checkName(item)
-        yield* checkName(path)
-        const name = `${item}/${path}`
-        const dir = join(root, stepName(step), item, path)
-        const metaText = yield* Effect.tryPromise({
-          try: () => fs.readFile(join(dir, "zarr.json"), "utf8"),
-          catch: () => new CheckpointMismatch({ step, array: name, detail: "is not in the checkpoint" }),
-        })
-        const meta = yield* parseArrayMetadata(JSON.parse(metaText), join(dir, "zarr.json")).pipe(
-          Effect.mapError(
-            (e) =>
-              new CheckpointCorrupt({
-                directory: root,
-                step,
-                array: name,
-                chunk: "zarr.json",
-                detail: e.message,
-              }),
-          ),
-        )
-        if (
-          meta.dtype !== target.dtype ||
-          meta.shape.length !== target.shape.length ||
-          meta.shape.some((d, i) => d !== target.shape[i])
-        )
-          return yield* new CheckpointMismatch({
-            step,
-            array: name,
-            detail: `is ${meta.dtype} [${meta.shape}] in the checkpoint but [${target.shape}] ${target.dtype} is wanted`,
-          })
+        yield* checkNames(item, leaf)
+        const name = arrayPath(item, leaf)
+        const mismatch = (detail: string) => new CheckpointMismatch({ step, array: name, detail })
+        const corrupt = (chunk: string, detail: string) =>
+          new CheckpointCorrupt({ directory: root, step, array: name, chunk, detail })
+        const saved = manifest.arrays.find((a) => a.path === name)
+        if (!saved) {
+          const near = manifest.arrays.filter((a) => a.path.startsWith(`${item}/`)).length
+          return yield* mismatch(
+            `is not in the checkpoint (it holds ${manifest.arrays.length} arrays, ${near} under "${item}"; items: ${manifest.items.join(", ")})`,
+          )
+        }
+        const wanted = `${target.dtype} ${formatShape(target.shape)}`
+        const have = `${saved.dtype} ${formatShape(saved.shape)}`
+        if (wanted !== have) return yield* mismatch(`is ${have} in the checkpoint but ${wanted} is wanted`)
         yield* target.sharding
           .validate(target.shape, name)
-          .pipe(Effect.mapError((e) => new CheckpointMismatch({ step, array: name, detail: e.message })))
+          .pipe(Effect.mapError((e) => mismatch(`cannot take the requested sharding: ${e.message}`)))
+
+        // No link anywhere below the step directory: the array folder must be exactly where its name says.
+        const dir = leaf === "" ? join(stepDir, item) : join(stepDir, item, leaf)
+        const expected = leaf === "" ? join(realStepDir, item) : join(realStepDir, item, leaf)
+        const real = yield* Effect.promise(() => fs.realpath(dir).catch(() => undefined))
+        if (real === undefined)
+          return yield* corrupt("", "is listed in the manifest but its folder is missing")
+        if (real !== expected)
+          return yield* corrupt("", "is a symbolic link (refused: it could leave the step directory)")
+        const metaBytes = yield* Effect.tryPromise({
+          try: () => readRegularFile(join(dir, ZARR_JSON), MAX_JSON_BYTES),
+          catch: (e) => corrupt(ZARR_JSON, `cannot be read (${errorCode(e)})`),
+        })
+        const metaJson = yield* Effect.try({
+          try: () => JSON.parse(Buffer.from(metaBytes).toString("utf8")) as unknown,
+          catch: () => corrupt(ZARR_JSON, "is not valid JSON"),
+        })
+        const meta = yield* parseArrayMetadata(metaJson, join(dir, ZARR_JSON)).pipe(
+          Effect.mapError((e) => corrupt(ZARR_JSON, e.message)),
+        )
+        if (`${meta.dtype} ${formatShape(meta.shape)}` !== have)
+          return yield* corrupt(
+            ZARR_JSON,
+            `says ${meta.dtype} ${formatShape(meta.shape)} but the manifest ${have}`,
+          )
+
         const esize = itemSize(meta.dtype)
         const chunkBytes = numel(meta.chunkShape) * esize
-        const out = allocateArray(devices.engine, target.shape, target.dtype, target.sharding)
-        return yield* Effect.gen(function* () {
-          for (const { slice, positions } of slicesByBlock(target.sharding, target.shape)) {
-            const block = new Uint8Array(numel(slice.shape) * esize)
-            for (const o of chunksOverlapping(meta.shape, meta.chunkShape, slice)) {
-              const key = chunkKey(o.coords)
-              const data = yield* Effect.tryPromise({
-                try: () => fs.readFile(join(dir, ...key.split("/"))),
-                catch: () =>
-                  new CheckpointCorrupt({
-                    directory: root,
-                    step,
-                    array: name,
-                    chunk: key,
-                    detail: "is missing",
-                  }),
-              })
-              const expected = chunkBytes + (meta.checksum ? 4 : 0)
-              if (data.byteLength !== expected)
-                return yield* new CheckpointCorrupt({
-                  directory: root,
-                  step,
-                  array: name,
-                  chunk: key,
-                  detail: `holds ${data.byteLength} bytes, ${expected} expected`,
-                })
-              const body = new Uint8Array(data.buffer, data.byteOffset, chunkBytes)
-              if (meta.checksum && crc32c(body) !== data.readUInt32LE(chunkBytes))
-                return yield* new CheckpointCorrupt({
-                  directory: root,
-                  step,
-                  array: name,
-                  chunk: key,
-                  detail: "fails its crc32c check",
-                })
-              for (const p of positions) {
-                perPosition.bytes[p]! += data.byteLength
-                perPosition.chunks[p]! += 1
-              }
-              devices.backend.hostCopyBox(
-                body,
-                block,
-                esize,
-                boxArgs(
-                  o.chunk.shape,
-                  o.box.offsets.map((x, d) => x - o.chunk.offsets[d]!),
-                  slice.shape,
-                  o.box.offsets.map((x, d) => x - slice.offsets[d]!),
-                  o.box.shape,
-                ),
-              )
-            }
-            for (const p of positions) devices.backend.write(out.buffer(p), 0, block)
+        const encodedBytes = chunkBytes + (meta.checksum ? 4 : 0)
+        const blocks = slicesByBlock(target.sharding, target.shape)
+        // Which chunks each distinct block needs; a chunk needed by several blocks is read once.
+        const needs = new Map<string, Array<{ block: number; overlap: ChunkOverlap }>>()
+        blocks.forEach(({ slice, positions }, block) => {
+          const overlaps = chunksOverlapping(meta.shape, meta.chunkShape, slice)
+          for (const p of positions) {
+            tally.chunks[p]! += overlaps.length
+            tally.bytes[p]! += overlaps.length * encodedBytes
           }
-          return out
-        }).pipe(Effect.onError(() => Effect.sync(() => out.dispose())))
+          for (const overlap of overlaps) {
+            const list = needs.get(overlap.key)
+            if (list) list.push({ block, overlap })
+            else needs.set(overlap.key, [{ block, overlap }])
+          }
+        })
+        const host = blocks.map(({ slice }) => new Uint8Array(numel(slice.shape) * esize))
+        yield* Effect.forEach(
+          [...needs],
+          ([key, uses]) =>
+            Effect.gen(function* () {
+              const data = yield* Effect.tryPromise({
+                try: () => readRegularFile(join(dir, ...key.split("/")), encodedBytes),
+                catch: (e) => {
+                  const code = errorCode(e)
+                  return corrupt(
+                    key,
+                    code === "ENOENT"
+                      ? "is missing"
+                      : code === "ETOOBIG"
+                        ? `is larger than the ${encodedBytes} bytes expected`
+                        : code === "ELOOP" || code === "ENOTFILE"
+                          ? "is not a regular file (links are refused)"
+                          : `cannot be read (${code})`,
+                  )
+                },
+              })
+              tally.read += data.byteLength
+              if (data.byteLength !== encodedBytes)
+                return yield* corrupt(key, `holds ${data.byteLength} bytes, ${encodedBytes} expected`)
+              const body = data.subarray(0, chunkBytes)
+              if (meta.checksum) {
+                const stored = new DataView(data.buffer, data.byteOffset + chunkBytes, 4).getUint32(0, true)
+                if (crc32c(body) !== stored) return yield* corrupt(key, "fails its crc32c check")
+              }
+              for (const { block, overlap } of uses)
+                devices.backend.hostCopyBox(
+                  body,
+                  host[block]!,
+                  esize,
+                  boxArgs(
+                    meta.chunkShape,
+                    overlap.inChunk,
+                    blocks[block]!.slice.shape,
+                    overlap.inBlock,
+                    overlap.box.shape,
+                  ),
+                )
+            }),
+          { concurrency, discard: true },
+        )
+        const out = allocateArray(devices.engine, target.shape, target.dtype, target.sharding)
+        try {
+          blocks.forEach(({ positions }, block) => {
+            for (const p of positions) devices.backend.write(out.buffer(p), 0, host[block]!)
+          })
+        } catch (e) {
+          out.dispose()
+          throw e
+        }
+        return out
       })
 
     const restore = <const T extends Readonly<Record<string, Tree<ArrayTarget>>>>(step: number, items: T) =>
       Effect.gen(function* () {
-        yield* readManifest(step)
-        const firstTarget = Object.values(items)
-          .flatMap((t) => flattenWithPath(t, isArrayTarget))
-          .map(([, a]) => a)[0]
-        const size = firstTarget?.sharding.mesh.size ?? 0
-        const perPosition = {
+        const t0 = performance.now()
+        const manifest = yield* readManifest(step)
+        const stepDir = join(root, stepDirectoryName(step))
+        const realStepDir = yield* Effect.tryPromise({
+          try: () => fs.realpath(stepDir),
+          catch: () => new CheckpointNotFound({ directory: root, step }),
+        })
+        const targets = Object.entries(items).map(([item, tree]) => ({
+          item,
+          tree,
+          leaves: flattenWithPath(tree, isArrayTarget),
+        }))
+        const size = Math.max(0, ...targets.flatMap((t) => t.leaves.map(([, a]) => a.sharding.mesh.size)))
+        const tally: Tally = {
           bytes: new Array<number>(size).fill(0),
           chunks: new Array<number>(size).fill(0),
+          read: 0,
         }
         const made: ShardedArray[] = []
-        const out: Record<string, Tree<ShardedArray>> = {}
-        const body = Effect.gen(function* () {
-          for (const [item, tree] of Object.entries(items)) {
+        const out: Record<string, unknown> = {}
+        yield* Effect.gen(function* () {
+          for (const { item, tree, leaves } of targets) {
             const restored = new Map<string, ShardedArray>()
-            for (const [path, target] of flattenWithPath(tree, isArrayTarget)) {
-              const a = yield* restoreArray(step, item, path, target, perPosition)
+            for (const [leaf, target] of leaves) {
+              const a = yield* restoreArray(step, stepDir, realStepDir, manifest, item, leaf, target, tally)
               made.push(a)
-              restored.set(path, a)
+              restored.set(leaf, a)
             }
-            out[item] = mapWithPath(tree, isArrayTarget, (path) => restored.get(path)!)
+            out[item] = mapWithPath(tree, isArrayTarget, (leaf) => restored.get(leaf)!)
           }
-        })
-        yield* body.pipe(Effect.onError(() => Effect.sync(() => made.forEach((a) => a.dispose()))))
+        }).pipe(
+          Effect.onExit((exit) =>
+            Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => made.forEach((a) => a.dispose())),
+          ),
+        )
         stats = {
           ...stats,
-          restoreBytesPerPosition: perPosition.bytes,
-          restoreChunksPerPosition: perPosition.chunks,
+          restoreBytesPerPosition: tally.bytes,
+          restoreChunksPerPosition: tally.chunks,
+          restoreBytesRead: tally.read,
+          restoreMs: performance.now() - t0,
         }
-        return out as { [K in keyof T]: Tree<ShardedArray> }
+        return out as { readonly [K in keyof T]: Restored<T[K]> }
       })
 
-    // An in-flight save completes before the program's scope closes (also on interruption).
-    yield* Effect.addFinalizer(() => Effect.ignore(wait))
+    // A save in flight completes before the program's scope closes (also on interruption): its
+    // error, if nobody waited for it, is logged.
+    yield* Effect.addFinalizer(() => wait.pipe(Effect.catch((e) => Effect.logError(e.message))))
 
     return Checkpointer.of({
       directory: root,
-      shouldSave: (step, force = false) => force || step % interval === 0,
+      shouldSave: (step, force = false) =>
+        (lastSaved === undefined || step > lastSaved) && (force || step % interval === 0),
       save,
       wait,
-      latestStep: Effect.map(completeSteps, (s) =>
-        s.length ? Option.some(s[s.length - 1]!) : Option.none(),
-      ),
+      pendingStep: Effect.sync(() => Option.fromNullishOr(pending?.step)),
+      latestStep: Effect.map(completeSteps, (s) => Option.fromNullishOr(s.at(-1))),
       allSteps: completeSteps,
       readManifest,
       restore,
       stats: Effect.sync(() => stats),
     })
   })
-
-const jsonBytes = (x: unknown) => new TextEncoder().encode(`${JSON.stringify(x, null, 2)}\n`)

@@ -5,6 +5,7 @@
  */
 import { Context, Effect, Layer, type Scope } from "effect"
 import type { Backend, BufferId, MemoryStats } from "../core/backend.ts"
+import type { CollectiveBackend } from "../core/collectives.ts"
 import { Engine } from "../core/engine.ts"
 import { attempt, type DeviceOutOfMemory, NoGpuFound } from "../core/errors.ts"
 import { type Mesh, type MeshError, makeMesh } from "../core/mesh.ts"
@@ -43,13 +44,18 @@ export class Devices extends Context.Service<
   }
 >()("magix/Devices") {}
 
-const makeDevices = (native: NativeBackend, backend: Backend, info: ReadonlyArray<DeviceInfo>) =>
+const makeDevices = (
+  native: NativeBackend,
+  backend: Backend,
+  info: ReadonlyArray<DeviceInfo>,
+  comms?: CollectiveBackend,
+) =>
   Devices.of({
     platform: backend.platform,
     count: backend.deviceCount,
     info,
     backend,
-    engine: new Engine(backend),
+    engine: new Engine(backend, comms),
     allocate: (device, bytes) =>
       Effect.acquireRelease(
         attempt(() => ({ id: backend.alloc(device, bytes), device, bytes })) as Effect.Effect<
@@ -61,6 +67,35 @@ const makeDevices = (native: NativeBackend, backend: Backend, info: ReadonlyArra
     memory: (device) => Effect.sync(() => backend.stats(device)),
     resetPeak: (device) => Effect.sync(() => native.resetPeak(device)),
   })
+
+/**
+ * NCCL communicators for the CUDA runtime, one per group of a mesh's positions over some axes,
+ * made on first use and destroyed when the runtime's scope closes.
+ */
+const ncclCommunicators = (native: NativeBackend) =>
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const made = new Map<string, number>()
+      const comms: CollectiveBackend & { readonly made: Map<string, number> } = {
+        made,
+        communicator: (key) => {
+          const devices = key.mesh.groups(key.axes)[key.group]!.map((p) => key.mesh.devices[p]!)
+          const id = devices.join(",")
+          let comm = made.get(id)
+          if (comm === undefined) {
+            comm = devices.length > 1 ? native.createCommunicator(devices) : 0
+            made.set(id, comm)
+          }
+          return comm
+        },
+      }
+      return comms
+    }),
+    (c) =>
+      Effect.sync(() => {
+        for (const id of c.made.values()) if (id > 0) native.destroyCommunicator(id)
+      }),
+  )
 
 const backendResource = (create: () => NativeBackend) =>
   Effect.acquireRelease(Effect.sync(create), (b) => Effect.sync(() => b.dispose()))
@@ -111,7 +146,8 @@ export const CudaRuntimeWith = (
       const info = probe.gpus
         .slice(0, native.deviceCount)
         .map((g, index) => ({ index, name: g.name, memory: g.totalMemory }))
-      return makeDevices(native, adaptNativeBackend(addon, native), info)
+      const comms = yield* ncclCommunicators(native)
+      return makeDevices(native, adaptNativeBackend(addon, native), info, comms)
     }),
   )
 

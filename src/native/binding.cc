@@ -119,6 +119,8 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
                            InstanceMethod<&BackendWrap::OpNames>("opNames"),
                            InstanceMethod<&BackendWrap::Exec>("exec"),
                            InstanceMethod<&BackendWrap::Dispose>("dispose"),
+                           InstanceMethod<&BackendWrap::CreateCommunicator>("createCommunicator"),
+                           InstanceMethod<&BackendWrap::DestroyCommunicator>("destroyCommunicator"),
                        });
   }
 
@@ -231,6 +233,30 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
       }
       std::vector<double> args = numbers_of(info[2], "arguments");
       be(info.Env()).exec(code, ids, args.data(), args.size());
+    });
+  }
+  // NCCL communicators over groups of this backend's GPUs (CUDA only; the CPU needs none).
+  Napi::Value CreateCommunicator(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&]() -> Napi::Value {
+      std::vector<double> devs = numbers_of(info[0], "devices");
+#ifdef MAGIX_WITH_CUDA
+      if (auto* cb = dynamic_cast<magix::cuda::CudaBackend*>(&be(info.Env()))) {
+        std::vector<int> d;
+        for (double x : devs) d.push_back(static_cast<int>(x));
+        return Napi::Number::New(info.Env(), cb->create_communicator(d));
+      }
+#endif
+      (void)devs;
+      return Napi::Number::New(info.Env(), 0);
+    });
+  }
+  void DestroyCommunicator(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] {
+      const int id = static_cast<int>(to_size(info[0], "communicator"));
+#ifdef MAGIX_WITH_CUDA
+      if (auto* cb = dynamic_cast<magix::cuda::CudaBackend*>(&be(info.Env()))) cb->destroy_communicator(id);
+#endif
+      (void)id;
     });
   }
   void Dispose(const Napi::CallbackInfo& info) {

@@ -34,6 +34,9 @@ export interface NativeBackend {
   opNames(): string[]
   exec(op: number, buffers: ReadonlyArray<number>, args: ReadonlyArray<number> | Float64Array): void
   dispose(): void
+  /** An NCCL communicator over these GPUs, in rank order (0 on the CPU, which needs none). */
+  createCommunicator(devices: ReadonlyArray<number>): number
+  destroyCommunicator(id: number): void
 }
 
 export interface GpuInfo {

@@ -21,6 +21,7 @@ import { type GluActivation, glu } from "../ops/glu.ts"
 import { mergeHeads, splitHeads } from "../ops/heads.ts"
 import { toLayout } from "../ops/layout.ts"
 import { linear } from "../ops/linear.ts"
+import { statsDtype } from "../ops/local.ts"
 import { rmsnorm } from "../ops/rmsnorm.ts"
 import { rope } from "../ops/rope.ts"
 import { matchRule, type PartitionRules, specFor } from "../partitionRules.ts"
@@ -214,7 +215,8 @@ export class CausalLM {
     h = toLayout(h, h.spec)
     // transformers multiplies by √D rounded to the activations' dtype.
     if (gemma) h = scale(h, Math.fround(Math.sqrt(c.hiddenSize)))
-    const freqs = this.frequencies(h.mesh, h.dtype, h.engine)
+    // float32 tables under bfloat16 compute: bfloat16 angles drift at long positions.
+    const freqs = this.frequencies(h.mesh, statsDtype(h.dtype), h.engine)
     const act = gluActivation(c)
     for (let i = 0; i < c.numHiddenLayers; i++) {
       const pre = `model.layers.${i}.`

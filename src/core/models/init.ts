@@ -4,14 +4,14 @@
  * only its own block, and every sharding yields the same values (counter-based random numbers).
  */
 import { Effect } from "effect"
-import type { DType } from "../dtype.ts"
-import { hostArray } from "../dtype.ts"
+import { type DType, dtypeCode } from "../dtype.ts"
 import type { Engine } from "../engine.ts"
 import type { Mesh } from "../mesh.ts"
+import { fillArray } from "../ops/elementwise.ts"
 import { type PartitionRules, specFor } from "../partitionRules.ts"
-import { normalAt, streamKey } from "../random.ts"
+import { streamKey } from "../random.ts"
 import { numel, strides } from "../shape.ts"
-import { makeArrayFromCallback, type ShardedArray } from "../shardedArray.ts"
+import { allocateArray, type ShardedArray } from "../shardedArray.ts"
 import { NamedSharding, type Slice } from "../sharding.ts"
 import type { CausalLM, Params } from "./decoder.ts"
 
@@ -58,23 +58,31 @@ export const initParams = (
     const normValue = model.modelType === "gemma" ? 0 : 1
     const params: Record<string, ShardedArray> = {}
     const shapes = model.parameterShapes
-    for (let k = 0; k < shapes.length; k++) {
-      const [name, shape] = shapes[k]!
-      const key = streamKey(options.seed, k)
-      const isNorm = name.endsWith("norm.weight")
-      params[name] = yield* makeArrayFromCallback(
-        engine,
-        shape,
-        dtype,
-        new NamedSharding(mesh, specFor(rules, name, shape)),
-        (slice) => {
-          const out = hostArray(dtype, numel(slice.shape)) as Float32Array | Float64Array
-          if (isNorm) out.fill(normValue)
-          else forEachGlobalIndex(shape, slice, (l, g) => (out[l] = std * normalAt(key, g)))
-          return out
-        },
-        name,
-      )
+    try {
+      for (let k = 0; k < shapes.length; k++) {
+        const [name, shape] = shapes[k]!
+        const sharding = new NamedSharding(mesh, specFor(rules, name, shape))
+        yield* sharding.validate(shape, name)
+        if (name.endsWith("norm.weight")) {
+          params[name] = fillArray(engine, shape, dtype, sharding, normValue)
+          continue
+        }
+        // Each device draws its own block on the device: the same numbers as normalAt.
+        const arr = allocateArray(engine, shape, dtype, sharding)
+        params[name] = arr
+        const key = streamKey(options.seed, k)
+        for (let p = 0; p < mesh.size; p++) {
+          const slice = sharding.slice(p, shape)
+          engine.backend.exec(
+            "random_normal",
+            [arr.buffer(p)],
+            [dtypeCode(dtype), key, std, shape.length, ...shape, ...slice.offsets, ...slice.shape],
+          )
+        }
+      }
+    } catch (e) {
+      for (const a of Object.values(params)) a.dispose()
+      throw e
     }
     return params as Params
   })

@@ -39,12 +39,21 @@ uint64_t Backend::alloc(int device, size_t bytes) {
   }
   void* ptr = raw_alloc(device, bytes);
   if (ptr == nullptr && bytes != 0) {
+    // The five largest live allocations of the device: where the memory went.
+    std::vector<size_t> sizes;
+    for (const Entry& e : table_)
+      if (e.live && e.device == device) sizes.push_back(e.bytes);
+    std::sort(sizes.rbegin(), sizes.rend());
+    std::string largest;
+    for (size_t i = 0; i < sizes.size() && i < 5; ++i)
+      largest += (i ? ", " : "") + std::to_string(sizes[i] >> 20) + " MiB";
     throw MagixError("OUT_OF_MEMORY", "device " + std::to_string(device) + ": out of memory")
         .with("device", device)
         .with("requested", static_cast<double>(bytes))
         .with("free", static_cast<double>(device_free(device)))
         .with("inUse", static_cast<double>(s.in_use))
-        .with("capacity", static_cast<double>(s.capacity));
+        .with("capacity", static_cast<double>(s.capacity))
+        .with("largest", largest.empty() ? std::string("none") : largest);
   }
   uint32_t slot;
   if (!free_slots_.empty()) {

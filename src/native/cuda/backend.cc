@@ -1,5 +1,7 @@
 #include "backend.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "check.h"
@@ -34,6 +36,10 @@ CudaBackend::CudaBackend(int devices) : Backend("cuda", devices) {
     cudaEvent_t ev;
     CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     events_.push_back(ev);
+    allocators_.push_back(std::make_unique<CachingAllocator>(d));
+    workspace_.push_back(nullptr);
+    workspace_size_.push_back(0);
+    lt_.push_back(nullptr);
   }
 }
 
@@ -42,32 +48,105 @@ CudaBackend::~CudaBackend() {
     cudaSetDevice(d);
     cudaStreamSynchronize(streams_[d]);
   }
+  for (auto& [id, group] : comms_)
+    for (auto& [dev, comm] : group) nccl().CommDestroy(comm);
   free_all();
   for (int d = 0; d < static_cast<int>(streams_.size()); ++d) {
     cudaSetDevice(d);
+    if (workspace_[d]) cudaFree(workspace_[d]);
+    if (lt_[d]) cublaslt().Destroy(lt_[d]);
+    allocators_[d].reset();
     cudaEventDestroy(events_[d]);
     cudaStreamDestroy(streams_[d]);
   }
 }
 
 void* CudaBackend::raw_alloc(int device, size_t bytes) {
-  CUDA_CHECK(cudaSetDevice(device));
-  void* p = nullptr;
-  cudaError_t e = cudaMalloc(&p, bytes == 0 ? 256 : bytes);
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    return nullptr;  // reported as OUT_OF_MEMORY with the free bytes by Backend::alloc
-  }
-  if (e != cudaSuccess) throw_cuda(e, "cudaMalloc", __FILE__, __LINE__);
-  return p;
+  // nullptr is reported as OUT_OF_MEMORY with the free bytes and largest blocks by Backend::alloc.
+  return allocators_[device]->allocate(bytes);
 }
 
 void CudaBackend::raw_free(int device, void* ptr, size_t bytes) {
-  (void)bytes;
-  cudaSetDevice(device);
-  // Pending work on the stream may still read this buffer.
-  cudaStreamSynchronize(streams_[device]);
-  cudaFree(ptr);
+  // No synchronisation: queued work that still reads the block runs before any later reuse.
+  allocators_[device]->release(ptr, bytes);
+}
+
+void* CudaBackend::workspace(int device, size_t bytes) {
+  check_device(device);
+  if (workspace_size_[device] >= bytes) return workspace_[device];
+  CUDA_CHECK(cudaSetDevice(device));
+  // The old workspace may still be in use by queued ops: wait before handing it back.
+  CUDA_CHECK(cudaStreamSynchronize(streams_[device]));
+  if (workspace_[device]) CUDA_CHECK(cudaFree(workspace_[device]));
+  workspace_[device] = nullptr;
+  workspace_size_[device] = 0;
+  const size_t size = std::max<size_t>(bytes, 64u << 20);
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, size);
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    allocators_[device]->empty_cache();
+    e = cudaMalloc(&p, size);
+  }
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    throw MagixError("OUT_OF_MEMORY", "device " + std::to_string(device) + ": out of memory for an op's workspace")
+        .with("device", device)
+        .with("requested", static_cast<double>(size))
+        .with("free", static_cast<double>(device_free(device)))
+        .with("inUse", static_cast<double>(stats(device).in_use))
+        .with("capacity", 0);
+  }
+  if (e != cudaSuccess) throw_cuda(e, "cudaMalloc", __FILE__, __LINE__);
+  workspace_[device] = p;
+  workspace_size_[device] = size;
+  return p;
+}
+
+cublasLtHandle_t CudaBackend::lt(int device) {
+  check_device(device);
+  if (!lt_[device]) {
+    const CublasLt& L = cublaslt();
+    if (!L.loaded) throw MagixError("CUBLAS_ERROR", "cuBLASLt could not be loaded: " + L.error).with("library", "cublasLt");
+    CUDA_CHECK(cudaSetDevice(device));
+    cublasLtHandle_t h = nullptr;
+    const int st = L.Create(&h);
+    if (st != 0) throw MagixError("CUBLAS_ERROR", "cublasLtCreate failed").with("library", "cublasLt").with("status", st);
+    lt_[device] = h;
+  }
+  return lt_[device];
+}
+
+int CudaBackend::create_communicator(const std::vector<int>& devices) {
+  const Nccl& N = nccl();
+  if (!N.loaded) throw MagixError("NCCL_ERROR", "NCCL could not be loaded: " + N.error).with("library", "nccl");
+  for (int d : devices) check_device(d);
+  // NVLink multicast stays off: it can take a shared machine's GPUs out of service.
+  setenv("NCCL_NVLS_ENABLE", "0", 0);
+  std::vector<ncclComm_t> comms(devices.size());
+  const int st = N.CommInitAll(comms.data(), static_cast<int>(devices.size()), devices.data());
+  if (st != 0)
+    throw MagixError("NCCL_ERROR", std::string("ncclCommInitAll failed: ") + N.GetErrorString(st))
+        .with("library", "nccl")
+        .with("status", st);
+  const int id = next_comm_++;
+  for (size_t i = 0; i < devices.size(); ++i) comms_[id][devices[i]] = comms[i];
+  return id;
+}
+
+void CudaBackend::destroy_communicator(int id) {
+  auto it = comms_.find(id);
+  if (it == comms_.end()) return;
+  for (auto& [dev, comm] : it->second) nccl().CommDestroy(comm);
+  comms_.erase(it);
+}
+
+ncclComm_t CudaBackend::communicator(int id, int device) const {
+  auto it = comms_.find(id);
+  if (it == comms_.end()) invalid("no NCCL communicator " + std::to_string(id));
+  auto jt = it->second.find(device);
+  if (jt == it->second.end()) invalid("communicator " + std::to_string(id) + " has no rank on device " + std::to_string(device));
+  return jt->second;
 }
 
 size_t CudaBackend::device_free(int device) const {

@@ -1,0 +1,116 @@
+/**
+ * Training throughput on one GPU: a Llama-3.2-1B-shaped model (random weights; vocabulary
+ * 128256, 16 layers, width 2048, 32 heads, 8 KV heads) at sequence 2048, bf16 compute with
+ * float32 master weights and AdamW. Prints tokens/s, TFLOP/s (6N + 12·L·d·T per token) and peak
+ * memory, and writes bench/results/train-throughput-<date>.json.
+ *   npx tsx bench/train-throughput.ts [--batch 8] [--seq 2048] [--steps 10] [--layers 16]
+ */
+import { Effect, Layer } from "effect"
+import { parseConfig } from "../src/core/config.ts"
+import { placeBatch } from "../src/core/models/batch.ts"
+import { LlamaForCausalLM } from "../src/core/models/decoder.ts"
+import { initParams } from "../src/core/models/init.ts"
+import { adamw, chain, clipByGlobalNorm, initializeOptState, warmupCosine } from "../src/core/optim.ts"
+import { shardToHost } from "../src/core/shardedArray.ts"
+import { makeTrainStep } from "../src/core/train.ts"
+import { CudaRuntime, createDeviceMesh, DefaultRuntime, Devices } from "../src/layers/Devices.ts"
+import { flopsPerToken } from "../src/layers/Training.ts"
+import { printTable, writeResult } from "./report.ts"
+
+const arg = (name: string, fallback: number) => {
+  const i = process.argv.indexOf(`--${name}`)
+  return i > 0 ? Number(process.argv[i + 1]) : fallback
+}
+const B = arg("batch", 8)
+const T = arg("seq", 2048)
+const STEPS = arg("steps", 10)
+const LAYERS = arg("layers", 16)
+const WARMUP = 2
+
+const program = Effect.gen(function* () {
+  const devices = yield* Devices
+  const { engine } = devices
+  const mesh = yield* createDeviceMesh([1, 1])
+  const config = yield* parseConfig({
+    model_type: "llama",
+    vocab_size: 128256,
+    hidden_size: 2048,
+    intermediate_size: 8192,
+    num_hidden_layers: LAYERS,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 64,
+    max_position_embeddings: 131072,
+    rms_norm_eps: 1e-5,
+    tie_word_embeddings: true,
+    rope_parameters: {
+      rope_type: "llama3",
+      rope_theta: 500000,
+      factor: 32,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    },
+  })
+  const model = new LlamaForCausalLM(config)
+  model.computeDtype = devices.platform === "cuda" ? "bfloat16" : "float32"
+  const t0 = performance.now()
+  const params = yield* initParams(model, engine, mesh, LlamaForCausalLM.partitionRules, { seed: 0 })
+  const optimizer = chain(
+    clipByGlobalNorm(1),
+    adamw({ lr: warmupCosine({ peak: 3e-4, warmup: 10, total: 1000 }), weightDecay: 0.1 }),
+  )
+  const optState = yield* initializeOptState(optimizer, params, LlamaForCausalLM.partitionRules, mesh)
+  const step = makeTrainStep(model, optimizer)
+  let state = 7
+  const ids = Int32Array.from({ length: B * T }, () => {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0
+    return 3 + (state % 128000)
+  })
+  const { batch } = yield* placeBatch(engine, mesh, {
+    batchSize: B,
+    length: T,
+    inputIds: ids,
+    positions: Int32Array.from(ids, (_, i) => i % T),
+    targets: Int32Array.from(ids, (_, i) => (i % T === T - 1 ? -100 : ids[i + 1]!)),
+  })
+  const losses: number[] = []
+  const times: number[] = []
+  for (let i = 0; i < WARMUP + STEPS; i++) {
+    const s = performance.now()
+    const out = yield* step(params, optState, batch)
+    losses.push(Number(shardToHost(out.loss, 0)[0]))
+    out.loss.dispose()
+    times.push(performance.now() - s)
+    if (i === 0)
+      console.error(
+        `first step (trace) ${(times[0]! / 1000).toFixed(1)} s, setup ${((s - t0) / 1000).toFixed(1)} s`,
+      )
+  }
+  const measured = times.slice(WARMUP)
+  const ms = measured.reduce((a, b) => a + b, 0) / measured.length
+  const tps = (B * T * 1000) / ms
+  const peak = (yield* devices.memory(0)).peak
+  const row = {
+    framework: "magix-ts",
+    batch: B,
+    sequence: T,
+    "step ms": ms,
+    "tokens/s": Math.round(tps),
+    "TFLOP/s": (tps * flopsPerToken(model, T)) / 1e12,
+    "peak GiB": peak / 2 ** 30,
+  }
+  printTable([row])
+  console.log(`losses ${losses.map((l) => l.toFixed(3)).join(" ")}`)
+  const device = devices.info[0]?.name ?? devices.platform
+  console.log(
+    `wrote ${writeResult("train-throughput", device, { model: "Llama-3.2-1B shape", layers: LAYERS, ...row, losses, stepTimesMs: times })}`,
+  )
+})
+
+Effect.runPromise(
+  program.pipe(
+    Effect.scoped,
+    Effect.provide(Layer.mergeAll(process.argv.includes("--cpu") ? DefaultRuntime() : CudaRuntime)),
+  ),
+)

@@ -1,0 +1,27 @@
+// Matrix products through cuBLASLt, row-major: C = alpha·op(A)·op(B) + beta·C, bf16 or float32
+// inputs with float32 accumulation (exact float32 for float32 inputs: no TF32).
+#pragma once
+#include <cstdint>
+
+#include "../common/dtype.h"
+#include "backend.h"
+
+namespace magix::cuda {
+
+struct GemmArgs {
+  int64_t batch = 1, M = 0, N = 0, K = 0;
+  bool transA = false, transB = false;
+  float alpha = 1, beta = 0;
+  const void* A = nullptr;
+  int64_t lda = 0, strideA = 0;
+  const void* B = nullptr;
+  int64_t ldb = 0, strideB = 0;
+  void* C = nullptr;
+  int64_t ldc = 0, strideC = 0;
+  DType ab = DType::F32;  // dtype of A and B
+  DType c = DType::F32;   // dtype of C
+};
+
+void gemm(CudaBackend& backend, int device, const GemmArgs& g);
+
+}  // namespace magix::cuda

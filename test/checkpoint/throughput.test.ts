@@ -1,0 +1,72 @@
+/**
+ * Save and restore throughput for a ~200 MB tree (48 float32 arrays of 4 MiB, saved from 2×2
+ * with P(data, model) and restored onto 1×4 with P(null, model), so every device reads two
+ * chunks per array). Heavy on disk and memory, so it runs only with MAGIX_CKPT_BENCH=1:
+ *   MAGIX_CKPT_BENCH=1 npx vitest run test/checkpoint/throughput.test.ts
+ */
+import { mkdtempSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { Effect, Layer } from "effect"
+import { expect, it } from "vitest"
+import { fromHost, type ShardedArray, toHost } from "../../src/core/shardedArray.ts"
+import { NamedSharding, P } from "../../src/core/sharding.ts"
+import { type ArrayTarget, Checkpointer } from "../../src/layers/Checkpointer.ts"
+import { CpuRuntime, Devices } from "../../src/layers/Devices.ts"
+import { mesh } from "../helpers.ts"
+
+it.skipIf(!process.env.MAGIX_CKPT_BENCH)(
+  "saves and restores a ~200 MB tree (MB/s printed)",
+  async () => {
+    const dir = mkdtempSync(join(tmpdir(), "magix-ckpt-bench-"))
+    const shape = [1024, 1024]
+    const arrays = 48
+    const mb = (arrays * 1024 * 1024 * 4) / 1e6
+    const r = await Effect.runPromise(
+      Effect.gen(function* () {
+        const ckpt = yield* Checkpointer
+        const { engine } = yield* Devices
+        const from = mesh([2, 2])
+        const params: Record<string, ShardedArray> = {}
+        for (let i = 0; i < arrays; i++)
+          params[`model.layers.${i}.weight`] = yield* fromHost(
+            engine,
+            Float32Array.from({ length: 1024 * 1024 }, (_, j) => i + j * 1e-6),
+            shape,
+            "float32",
+            new NamedSharding(from, P("data", "model")),
+          )
+        const t0 = performance.now()
+        yield* ckpt.save(1, { params })
+        const t1 = performance.now()
+        yield* ckpt.wait
+        const t2 = performance.now()
+        const to = mesh([1, 4])
+        const targets: Record<string, ArrayTarget> = {}
+        for (const k of Object.keys(params))
+          targets[k] = { shape, dtype: "float32", sharding: new NamedSharding(to, P(null, "model")) }
+        const t3 = performance.now()
+        const out = yield* ckpt.restore(1, { params: targets })
+        const t4 = performance.now()
+        const k = "model.layers.7.weight"
+        const same = Buffer.from((toHost(out.params[k]!) as Float32Array).buffer).equals(
+          Buffer.from((toHost(params[k]!) as Float32Array).buffer),
+        )
+        return { snapshot: t1 - t0, save: t2 - t0, restore: t4 - t3, same, stats: yield* ckpt.stats }
+      }).pipe(
+        Effect.provide(Checkpointer.layer({ directory: dir })),
+        Effect.scoped,
+        Effect.provide(Layer.mergeAll(CpuRuntime({ devices: 4 }))),
+      ),
+    )
+    rmSync(dir, { recursive: true, force: true })
+    const rate = (ms: number) => `${(mb / (ms / 1000)).toFixed(0)} MB/s`
+    console.log(
+      `checkpoint of ${mb.toFixed(0)} MB: snapshot ${r.snapshot.toFixed(0)} ms (${rate(r.snapshot)}), ` +
+        `save to disk ${r.save.toFixed(0)} ms (${rate(r.save)}), restore ${r.restore.toFixed(0)} ms (${rate(r.restore)}); ` +
+        `read ${(r.stats.restoreBytesRead / 1e6).toFixed(0)} MB`,
+    )
+    expect(r.same).toBe(true)
+  },
+  300_000,
+)
