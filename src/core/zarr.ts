@@ -270,3 +270,21 @@ export const chunkOfBlock = (
   )
   return aligned ? coords : undefined
 }
+
+/**
+ * Where a box of a row-major array lies when its elements are one contiguous run (start and
+ * length in elements), or undefined when they are not: leading dimensions of 1, then one
+ * dimension of any extent, then whole trailing dimensions. Such a box moves as a single copy.
+ */
+export const contiguousRange = (
+  shape: ReadonlyArray<number>,
+  box: Slice,
+): { readonly start: number; readonly length: number } | undefined => {
+  const rank = shape.length
+  let k = 0
+  while (k < rank - 1 && box.shape[k] === 1) k++
+  for (let d = k + 1; d < rank; d++) if (box.offsets[d] !== 0 || box.shape[d] !== shape[d]) return undefined
+  let start = 0
+  for (let d = 0; d < rank; d++) start = start * shape[d]! + box.offsets[d]!
+  return { start, length: box.shape.reduce((a, b) => a * b, 1) }
+}

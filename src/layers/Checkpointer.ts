@@ -22,7 +22,7 @@ import * as fs from "node:fs/promises"
 import { join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { crc32c } from "@node-rs/crc32"
-import { Cause, Context, Deferred, Effect, Exit, Layer, Option, Schema } from "effect"
+import { Cause, Context, Deferred, Effect, Exit, Layer, Option, Schema, Semaphore } from "effect"
 import { boxArgs } from "../core/backend.ts"
 import {
   arrayPath,
@@ -37,6 +37,7 @@ import {
   stepOfDirectoryName,
 } from "../core/checkpointManifest.ts"
 import { type DType, itemSize } from "../core/dtype.ts"
+import { attempt, type DeviceError } from "../core/errors.ts"
 import type { Mesh } from "../core/mesh.ts"
 import type { PartitionRules } from "../core/partitionRules.ts"
 import { formatShape, numel } from "../core/shape.ts"
@@ -49,6 +50,7 @@ import {
   chunkKey,
   chunkOfBlock,
   chunksOverlapping,
+  contiguousRange,
   encodeMetadata,
   groupMetadata,
   parseArrayMetadata,
@@ -201,6 +203,11 @@ export interface CheckpointerOptions {
   readonly maxToKeep?: number
   /** Files written at once by a save, and chunks read at once by a restore; 8 by default. */
   readonly maxConcurrentWrites?: number
+  /**
+   * Keep the host memory of the last snapshot for the next one (true by default): saves after the
+   * first copy into memory already touched, at the cost of holding one snapshot between saves.
+   */
+  readonly reuseSnapshotMemory?: boolean
   /** The file system a save writes through (a seam for tests); node:fs by default. */
   readonly io?: CheckpointIO
 }
@@ -260,7 +267,7 @@ export class Checkpointer extends Context.Service<
     readonly restore: <const T extends Readonly<Record<string, Tree<ArrayTarget>>>>(
       step: number,
       items: T,
-    ) => Effect.Effect<{ readonly [K in keyof T]: Restored<T[K]> }, CheckpointError>
+    ) => Effect.Effect<{ readonly [K in keyof T]: Restored<T[K]> }, CheckpointError | DeviceError>
     readonly stats: Effect.Effect<CheckpointStats>
   }
 >()("magix/Checkpointer") {
@@ -311,14 +318,18 @@ const checkNames = (item: string, leaf: string) => {
   return Effect.void
 }
 
-/** Reads a whole regular file inside a checkpoint, refusing a symbolic link in its place. */
-const readRegularFile = async (path: string, maxBytes: number): Promise<Uint8Array> => {
+/**
+ * Reads a whole regular file inside a checkpoint, refusing a symbolic link in its place; into
+ * `scratch` where it fits (reused memory: first touches of fresh pages cost more than the copy).
+ */
+const readRegularFile = async (path: string, maxBytes: number, scratch?: Uint8Array): Promise<Uint8Array> => {
   const h = await fs.open(path, constants.O_RDONLY | constants.O_NOFOLLOW)
   try {
     const st = await h.stat()
     if (!st.isFile()) throw Object.assign(new Error("not a regular file"), { code: "ENOTFILE" })
     if (st.size > maxBytes) throw Object.assign(new Error(`${st.size} bytes`), { code: "ETOOBIG" })
-    const out = new Uint8Array(st.size)
+    const out =
+      scratch && scratch.byteLength >= st.size ? scratch.subarray(0, st.size) : new Uint8Array(st.size)
     let off = 0
     while (off < out.byteLength) {
       const { bytesRead } = await h.read(out, off, out.byteLength - off, off)
@@ -368,7 +379,7 @@ const make = (options: CheckpointerOptions) =>
     yield* Effect.promise(async () => {
       const names = await fs.readdir(root).catch(() => [] as string[])
       await Promise.all(
-        names.filter(isTemporaryName).map((n) => nodeIO.remove(join(root, n)).catch(() => undefined)),
+        names.filter(isTemporaryName).map((n) => io.remove(join(root, n)).catch(() => undefined)),
       )
     })
 
@@ -445,9 +456,13 @@ const make = (options: CheckpointerOptions) =>
               for (const { slice, positions } of slicesByBlock(arr.sharding, arr.shape)) {
                 // Each distinct block once, from the first device holding it, plus 4 bytes of crc32c.
                 const coords = chunkOfBlock(arr.shape, chunkShape, slice)!
-                const data = new Uint8Array(bytes + 4)
+                const data = takeSpare(bytes + 4)
                 devices.backend.read(arr.buffer(positions[0]!), 0, bytes, data.subarray(0, bytes))
-                new DataView(data.buffer).setUint32(bytes, crc32c(data.subarray(0, bytes)), true)
+                new DataView(data.buffer, data.byteOffset).setUint32(
+                  bytes,
+                  crc32c(data.subarray(0, bytes)),
+                  true,
+                )
                 chunks.push({ key: chunkKey(coords), bytes: data })
               }
             snaps.push({
@@ -467,6 +482,23 @@ const make = (options: CheckpointerOptions) =>
         }
         return { snaps, mesh }
       })
+
+    // Host memory of the last snapshot, handed to the next one: on a VM, the page faults of
+    // touching fresh memory cost several times the copy from the device (see the throughput test).
+    let spare = new Map<number, Uint8Array[]>()
+    const takeSpare = (size: number) => spare.get(size)?.pop() ?? new Uint8Array(size)
+    const keepSpare = (snaps: ReadonlyArray<Snapshot>) => {
+      if (!(options.reuseSnapshotMemory ?? true)) return
+      const next = new Map<number, Uint8Array[]>()
+      for (const s of snaps)
+        for (const c of s.chunks) {
+          const list = next.get(c.bytes.byteLength)
+          if (list) list.push(c.bytes)
+          else next.set(c.bytes.byteLength, [c.bytes])
+        }
+      // Buffers the last snapshot did not take are let go.
+      spare = next
+    }
 
     /** Renames a step out of the way and removes it: a crash in between leaves only a temporary name. */
     const discard = (name: string) =>
@@ -545,7 +577,8 @@ const make = (options: CheckpointerOptions) =>
             ),
           )
           yield* run(() => io.fsyncDir(root))
-          if (replaced) yield* run(() => io.remove(aside))
+          // The new step is in place: a failure to remove the old copy only leaves a temporary folder.
+          if (replaced) yield* Effect.promise(() => io.remove(aside).catch(() => undefined))
         })
         yield* body.pipe(Effect.onError(() => Effect.promise(() => io.remove(tmp).catch(() => undefined))))
         stats = { ...stats, bytesWritten: bytes, chunksWritten: chunkCount, writeMs: performance.now() - t0 }
@@ -560,6 +593,9 @@ const make = (options: CheckpointerOptions) =>
             )
         }
       })
+
+    // Saves from several fibers queue here: one snapshot, then one write in flight, at a time.
+    const saving = Semaphore.makeUnsafe(1)
 
     const save = (
       step: number,
@@ -599,6 +635,7 @@ const make = (options: CheckpointerOptions) =>
         // Detached: the write outlives the caller's fiber; the layer's finalizer waits for it.
         yield* Effect.forkDetach(
           write(step, snaps, manifest).pipe(
+            Effect.ensuring(Effect.sync(() => keepSpare(snaps))),
             Effect.onExit((exit) =>
               Deferred.done(
                 done,
@@ -623,7 +660,7 @@ const make = (options: CheckpointerOptions) =>
             ),
           ),
         )
-      })
+      }).pipe(Semaphore.withPermit(saving))
 
     // -------------------------------------------------------------------------------------------
     // Manifest and restore
@@ -661,6 +698,7 @@ const make = (options: CheckpointerOptions) =>
       readonly bytes: number[]
       readonly chunks: number[]
       read: number
+      readonly scratch: Map<number, Uint8Array[]>
     }
 
     const restoreArray = (
@@ -722,10 +760,11 @@ const make = (options: CheckpointerOptions) =>
         const chunkBytes = numel(meta.chunkShape) * esize
         const encodedBytes = chunkBytes + (meta.checksum ? 4 : 0)
         const blocks = slicesByBlock(target.sharding, target.shape)
+        const overlapsOf = blocks.map(({ slice }) => chunksOverlapping(meta.shape, meta.chunkShape, slice))
         // Which chunks each distinct block needs; a chunk needed by several blocks is read once.
         const needs = new Map<string, Array<{ block: number; overlap: ChunkOverlap }>>()
-        blocks.forEach(({ slice, positions }, block) => {
-          const overlaps = chunksOverlapping(meta.shape, meta.chunkShape, slice)
+        blocks.forEach(({ positions }, block) => {
+          const overlaps = overlapsOf[block]!
           for (const p of positions) {
             tally.chunks[p]! += overlaps.length
             tally.bytes[p]! += overlaps.length * encodedBytes
@@ -736,61 +775,103 @@ const make = (options: CheckpointerOptions) =>
             else needs.set(overlap.key, [{ block, overlap }])
           }
         })
-        const host = blocks.map(({ slice }) => new Uint8Array(numel(slice.shape) * esize))
-        yield* Effect.forEach(
-          [...needs],
-          ([key, uses]) =>
-            Effect.gen(function* () {
-              const data = yield* Effect.tryPromise({
-                try: () => readRegularFile(join(dir, ...key.split("/")), encodedBytes),
-                catch: (e) => {
-                  const code = errorCode(e)
-                  return corrupt(
-                    key,
-                    code === "ENOENT"
-                      ? "is missing"
-                      : code === "ETOOBIG"
-                        ? `is larger than the ${encodedBytes} bytes expected`
-                        : code === "ELOOP" || code === "ENOTFILE"
-                          ? "is not a regular file (links are refused)"
-                          : `cannot be read (${code})`,
-                  )
-                },
-              })
-              tally.read += data.byteLength
-              if (data.byteLength !== encodedBytes)
-                return yield* corrupt(key, `holds ${data.byteLength} bytes, ${encodedBytes} expected`)
-              const body = data.subarray(0, chunkBytes)
-              if (meta.checksum) {
-                const stored = new DataView(data.buffer, data.byteOffset + chunkBytes, 4).getUint32(0, true)
-                if (crc32c(body) !== stored) return yield* corrupt(key, "fails its crc32c check")
-              }
-              for (const { block, overlap } of uses)
-                devices.backend.hostCopyBox(
-                  body,
-                  host[block]!,
-                  esize,
-                  boxArgs(
-                    meta.chunkShape,
-                    overlap.inChunk,
-                    blocks[block]!.slice.shape,
-                    overlap.inBlock,
-                    overlap.box.shape,
-                  ),
-                )
-            }),
-          { concurrency, discard: true },
+        // A block whose every piece is one contiguous run in its chunk and in the block (the same
+        // sharding, or whole rows) is written to the devices piece by piece; any other is
+        // assembled on the host first.
+        const direct = blocks.map(({ slice }, block) =>
+          overlapsOf[block]!.every(
+            (o) =>
+              contiguousRange(meta.chunkShape, { offsets: o.inChunk, shape: o.box.shape }) !== undefined &&
+              contiguousRange(slice.shape, { offsets: o.inBlock, shape: o.box.shape }) !== undefined,
+          ),
         )
-        const out = allocateArray(devices.engine, target.shape, target.dtype, target.sharding)
-        try {
-          blocks.forEach(({ positions }, block) => {
-            for (const p of positions) devices.backend.write(out.buffer(p), 0, host[block]!)
-          })
-        } catch (e) {
-          out.dispose()
-          throw e
+        // Chunk and staging buffers are reused across chunks (and arrays) of one restore.
+        const pool = (size: number) => {
+          const list = tally.scratch.get(size) ?? []
+          tally.scratch.set(size, list)
+          return list
         }
-        return out
+        const chunkBuffers = pool(encodedBytes)
+        const staging = new Map<number, Uint8Array>()
+        const stage = (block: number) => {
+          let host = staging.get(block)
+          if (!host) {
+            const size = numel(blocks[block]!.slice.shape) * esize
+            host = pool(size).pop() ?? new Uint8Array(size)
+            staging.set(block, host)
+          }
+          return host
+        }
+        const out = yield* attempt(() =>
+          allocateArray(devices.engine, target.shape, target.dtype, target.sharding),
+        )
+        return yield* Effect.gen(function* () {
+          yield* Effect.forEach(
+            [...needs],
+            ([key, uses]) =>
+              Effect.gen(function* () {
+                const buffer = chunkBuffers.pop() ?? new Uint8Array(encodedBytes)
+                const data = yield* Effect.tryPromise({
+                  try: () => readRegularFile(join(dir, ...key.split("/")), encodedBytes, buffer),
+                  catch: (e) => {
+                    const code = errorCode(e)
+                    return corrupt(
+                      key,
+                      code === "ENOENT"
+                        ? "is missing"
+                        : code === "ETOOBIG"
+                          ? `is larger than the ${encodedBytes} bytes expected`
+                          : code === "ELOOP" || code === "ENOTFILE"
+                            ? "is not a regular file (links are refused)"
+                            : `cannot be read (${code})`,
+                    )
+                  },
+                })
+                tally.read += data.byteLength
+                if (data.byteLength !== encodedBytes)
+                  return yield* corrupt(key, `holds ${data.byteLength} bytes, ${encodedBytes} expected`)
+                const body = data.subarray(0, chunkBytes)
+                if (meta.checksum) {
+                  const stored = new DataView(data.buffer, data.byteOffset + chunkBytes, 4).getUint32(0, true)
+                  if (crc32c(body) !== stored) return yield* corrupt(key, "fails its crc32c check")
+                }
+                for (const { block, overlap } of uses) {
+                  const { slice, positions } = blocks[block]!
+                  if (direct[block]) {
+                    const from = contiguousRange(meta.chunkShape, {
+                      offsets: overlap.inChunk,
+                      shape: overlap.box.shape,
+                    })!
+                    const to = contiguousRange(slice.shape, {
+                      offsets: overlap.inBlock,
+                      shape: overlap.box.shape,
+                    })!
+                    const piece = body.subarray(from.start * esize, (from.start + from.length) * esize)
+                    for (const p of positions) devices.backend.write(out.buffer(p), to.start * esize, piece)
+                  } else
+                    devices.backend.hostCopyBox(
+                      body,
+                      stage(block),
+                      esize,
+                      boxArgs(
+                        meta.chunkShape,
+                        overlap.inChunk,
+                        slice.shape,
+                        overlap.inBlock,
+                        overlap.box.shape,
+                      ),
+                    )
+                }
+                chunkBuffers.push(buffer)
+              }),
+            { concurrency, discard: true },
+          )
+          for (const [block, host] of staging) {
+            for (const p of blocks[block]!.positions) devices.backend.write(out.buffer(p), 0, host)
+            pool(host.byteLength).push(host)
+          }
+          return out
+        }).pipe(Effect.onError(() => Effect.sync(() => out.dispose())))
       })
 
     const restore = <const T extends Readonly<Record<string, Tree<ArrayTarget>>>>(step: number, items: T) =>
@@ -812,6 +893,7 @@ const make = (options: CheckpointerOptions) =>
           bytes: new Array<number>(size).fill(0),
           chunks: new Array<number>(size).fill(0),
           read: 0,
+          scratch: new Map(),
         }
         const made: ShardedArray[] = []
         const out: Record<string, unknown> = {}

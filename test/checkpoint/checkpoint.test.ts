@@ -20,7 +20,7 @@ import { join } from "node:path"
 import { crc32c } from "@node-rs/crc32"
 import { FileSystemStore } from "@zarrita/storage"
 import { Effect, Fiber, Layer, Option, type Scope } from "effect"
-import { describe, expect, it } from "vitest"
+import { afterAll, describe, expect, it } from "vitest"
 import * as zarr from "zarrita"
 import { type DType, toBFloat16 } from "../../src/core/dtype.ts"
 import type { Mesh } from "../../src/core/mesh.ts"
@@ -41,7 +41,15 @@ import { Hub } from "../../src/layers/Hub.ts"
 import { loadModelHub } from "../../src/layers/loadModel.ts"
 import { fixtures, mesh } from "../helpers.ts"
 
-const tmp = () => mkdtempSync(join(tmpdir(), "magix-ckpt-"))
+const made: string[] = []
+const tmp = () => {
+  const dir = mkdtempSync(join(tmpdir(), "magix-ckpt-"))
+  made.push(dir)
+  return dir
+}
+afterAll(() => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true })
+})
 
 /** Runs with a Checkpointer on `directory` over 4 CPU devices (smaller meshes use the first ones). */
 const withCheckpointer = <A, E>(
@@ -624,6 +632,24 @@ describe("lifecycle", () => {
     expect(r.stats.chunksWritten).toBe(8 * 4)
   }, 60_000)
 
+  it("saves started from several fibers at once queue up, and all land", async () => {
+    const dir = tmp()
+    const all = await withCheckpointer(
+      dir,
+      Effect.gen(function* () {
+        const ckpt = yield* Checkpointer
+        const w = yield* place(distinct(1 << 16), [256, 256], "float32", mesh([2, 2]), P("data", "model"))
+        yield* Effect.forEach([1, 2, 3, 4], (s) => ckpt.save(s, { params: { w } }), {
+          concurrency: "unbounded",
+        })
+        yield* ckpt.wait
+        return yield* ckpt.allSteps
+      }),
+    )
+    expect(all).toEqual([1, 2, 3, 4])
+    expect(readdirSync(dir).sort()).toEqual(["1", "2", "3", "4"])
+  })
+
   it("a full disk is a typed error, leaves no partial folder, keeps the previous checkpoint, and is reported once", async () => {
     const dir = tmp()
     const data = distinct(64)
@@ -699,7 +725,7 @@ describe("lifecycle", () => {
 })
 
 describe("an array item and a host copy", () => {
-  it("an item that is one array is stored as that array; int64 and bool round trip", async () => {
+  it("an item that is one array is stored as that array; int64, bool and empty arrays round trip", async () => {
     const dir = tmp()
     const r = await withCheckpointer(
       dir,
@@ -709,17 +735,22 @@ describe("an array item and a host copy", () => {
         const counter = yield* place(BigInt64Array.of(1n, -2n, 3n, 1n << 40n), [4], "int64", m, P("model"))
         const flags = Uint8Array.of(1, 0, 1, 1, 0, 0, 1, 0)
         const mask = yield* place(flags, [2, 4], "bool", m, P("data"))
-        yield* ckpt.save(5, { counter, mask })
+        const empty = yield* place(new Float32Array(0), [0, 4], "float32", m, P("data", "model"))
+        yield* ckpt.save(5, { counter, mask, empty })
         yield* ckpt.wait
         const out = yield* ckpt.restore(5, {
           counter: target([4], "int64", mesh([1, 1]), P()),
           mask: target([2, 4], "bool", mesh([1, 4]), P(null, "model")),
+          empty: target([0, 4], "float32", mesh([1, 4]), P(null, "model")),
         })
-        return { counter: toHost(out.counter), mask: toHost(out.mask), flags }
+        return { counter: toHost(out.counter), mask: toHost(out.mask), flags, empty: out.empty.shape }
       }),
     )
     expect(Array.from(r.counter as BigInt64Array)).toEqual([1n, -2n, 3n, 1n << 40n])
     expect(Array.from(r.mask as Uint8Array)).toEqual(Array.from(r.flags))
+    // An empty array has metadata and no chunk.
+    expect(r.empty).toEqual([0, 4])
+    expect(readdirSync(join(dir, "5", "empty"))).toEqual(["zarr.json"])
     const store = new FileSystemStore(join(dir, "5"))
     const counter = await zarr.get(await zarr.open(zarr.root(store).resolve("counter"), { kind: "array" }))
     expect(Array.from(counter.data as BigInt64Array)).toEqual([1n, -2n, 3n, 1n << 40n])

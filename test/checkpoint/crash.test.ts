@@ -7,7 +7,7 @@
  * saved and never goes backwards, and every reported step restores bit-exactly.
  */
 import { spawn } from "node:child_process"
-import { mkdtempSync, readdirSync } from "node:fs"
+import { mkdtempSync, readdirSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { Effect, Option } from "effect"
@@ -95,6 +95,7 @@ const killRepeatedly = async (seed: number, kills: number) => {
     // Opening removed what the kill left half-written.
     for (const name of readdirSync(dir)) expect(name).toMatch(/^\d+$/)
   }
+  rmSync(dir, { recursive: true, force: true })
   return { newest, midWrite }
 }
 

@@ -21,6 +21,7 @@ import {
   chunkKey,
   chunkOfBlock,
   chunksOverlapping,
+  contiguousRange,
   encodeMetadata,
   InvalidZarrMetadata,
   parseArrayMetadata,
@@ -134,6 +135,18 @@ describe("chunk overlap arithmetic", () => {
       ["c/2/0", [4, 3], [2, 3]],
       ["c/2/1", [4, 3], [2, 3]],
     ])
+  })
+
+  it("finds the boxes that are one contiguous run (copied in one piece on restore)", () => {
+    expect(contiguousRange([4, 6], { offsets: [1, 0], shape: [2, 6] })).toEqual({ start: 6, length: 12 })
+    expect(contiguousRange([4, 6], { offsets: [2, 3], shape: [1, 3] })).toEqual({ start: 15, length: 3 })
+    expect(contiguousRange([4, 6], { offsets: [0, 0], shape: [2, 3] })).toBeUndefined()
+    expect(contiguousRange([2, 3, 4], { offsets: [1, 1, 0], shape: [1, 2, 4] })).toEqual({
+      start: 16,
+      length: 8,
+    })
+    expect(contiguousRange([2, 3, 4], { offsets: [0, 1, 0], shape: [2, 1, 4] })).toBeUndefined()
+    expect(contiguousRange([], { offsets: [], shape: [] })).toEqual({ start: 0, length: 1 })
   })
 
   it("the boxes tile any block exactly, each inside its chunk, and only overlapping chunks are listed", () => {
