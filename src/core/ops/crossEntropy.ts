@@ -75,9 +75,9 @@ export const crossEntropyLoss = (
     )
   }
   // Σ over this device's rows: partial over the axes that split the rows.
-  const partialLoss = newArray(hs, [], P(), rowAxes)
+  const partialLoss = newArray(hs, [], P(), rowAxes, stats)
   for (let p = 0; p < mesh.size; p++)
-    backend.exec("sum", [rowLoss.buffer(p), partialLoss.buffer(p)], [code, N, 1, 0])
+    backend.exec("sum", [rowLoss.buffer(p), partialLoss.buffer(p)], [dtypeCode(stats), N, 1, 0])
   const loss = coll.allReduce(partialLoss, rowAxes)
   for (const a of [m, s, z, rowLoss, partialLoss]) a.dispose()
   if (mG !== m) mG.dispose()

@@ -7,7 +7,7 @@ import type { Engine } from "../engine.ts"
 import { numel, type Shape } from "../shape.ts"
 import { allocateArray, type ShardedArray, shardToHost } from "../shardedArray.ts"
 import { NamedSharding, PartitionSpec } from "../sharding.ts"
-import { execEach, like } from "./local.ts"
+import { execEach, like, statsDtype } from "./local.ts"
 
 /** An array filled with one value. */
 export const fillArray = (
@@ -97,7 +97,13 @@ export const weightedSum = (x: ShardedArray, w: ShardedArray): ShardedArray => {
   execEach(engine, xs, "mul", (p) => [xs.buffer(p), ws.buffer(p), prod.buffer(p)], [dtypeCode(x.dtype), n])
   // Each device sums its block; blocks replicated r times are counted once.
   const axes = [...xs.mesh.axisNames]
-  const partial = allocateArray(engine, [], x.dtype, new NamedSharding(xs.mesh, new PartitionSpec([])), axes)
+  const partial = allocateArray(
+    engine,
+    [],
+    statsDtype(x.dtype),
+    new NamedSharding(xs.mesh, new PartitionSpec([])),
+    axes,
+  )
   execEach(engine, xs, "sum", (p) => [prod.buffer(p), partial.buffer(p)], [
     dtypeCode(x.dtype),
     n,
