@@ -9,11 +9,13 @@ import { Effect, Layer, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { promptBatches } from "../src/core/data/prompts.ts"
 import { generate } from "../src/core/generate.ts"
+import { mergeLora } from "../src/core/lora.ts"
 import { modelClassFor } from "../src/core/models/decoder.ts"
 import { loadPrompts } from "../src/layers/Dataset.ts"
 import { CpuRuntime, createDeviceMesh, DefaultRuntime, Devices } from "../src/layers/Devices.ts"
 import { Hub } from "../src/layers/Hub.ts"
 import { loadModelHub } from "../src/layers/loadModel.ts"
+import { loadLoraAdapter } from "../src/layers/loraAdapter.ts"
 import { loadTokenizer } from "../src/layers/Tokenizer.ts"
 import { embeddedModelDir } from "../src/layers/Training.ts"
 import { parseIntList } from "./argv.ts"
@@ -55,6 +57,10 @@ export const generateFlags = {
   meshShape: Flag.String("mesh-shape").pipe(Flag.withDefault("1,-1")),
   outputFile: Flag.String("output-file").pipe(Flag.withDefault("generated.jsonl")),
   cpuDevices: Flag.Int("cpu-devices").pipe(Flag.optional),
+  lora: Flag.String("lora").pipe(
+    Flag.optional,
+    Flag.withDescription("a LoRA adapter directory (PEFT layout), merged into the model"),
+  ),
 }
 
 type GenerateFlags = {
@@ -68,7 +74,14 @@ export const generateProgram = (f: GenerateFlags) =>
     const embedded = opt(f.prompts) === undefined
     const mesh = yield* createDeviceMesh(parseIntList(f.meshShape))
     const Model = modelClassFor(f.modelType)
-    const { model, params } = yield* loadModelHub(Model, modelPath, Model.partitionRules, mesh)
+    const loaded = yield* loadModelHub(Model, modelPath, Model.partitionRules, mesh)
+    const { model } = loaded
+    const adapterDir = opt(f.lora)
+    const params = adapterDir
+      ? yield* Effect.map(loadLoraAdapter(resolve(adapterDir), mesh, Model.partitionRules), (a) =>
+          mergeLora(loaded.params, a.params, a.alpha, Model.partitionRules),
+        )
+      : loaded.params
     if (devices.platform === "cuda") model.computeDtype = "bfloat16"
     const tokenizer = yield* loadTokenizer(opt(f.tokenizerNameOrPath) ?? modelPath)
     const prompts = yield* loadPrompts(

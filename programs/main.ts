@@ -4,6 +4,7 @@ import { NodeRuntime, NodeServices } from "@effect/platform-node"
 import { Effect } from "effect"
 import { Command } from "effect/cli"
 import { normalizeArgv } from "./argv.ts"
+import { convertCommand } from "./convert.ts"
 import { generateCommand } from "./generate.ts"
 import { trainCommand } from "./train.ts"
 
@@ -13,7 +14,7 @@ const version = (
 
 export const magix = Command.make("magix").pipe(
   Command.withDescription("train and run LLMs with data and model parallelism over a named device mesh"),
-  Command.withSubcommands([trainCommand, generateCommand]),
+  Command.withSubcommands([trainCommand, generateCommand, convertCommand]),
 )
 
 Command.runWith(magix, { version })(normalizeArgv(process.argv.slice(2))).pipe(

@@ -9,6 +9,7 @@ import { Checkpointer } from "../src/layers/Checkpointer.ts"
 import { CpuRuntime, DefaultRuntime } from "../src/layers/Devices.ts"
 import { saveHuggingFace } from "../src/layers/exportModel.ts"
 import { Hub } from "../src/layers/Hub.ts"
+import { saveLoraAdapter } from "../src/layers/loraAdapter.ts"
 import { embeddedModelDir, embeddedTrainFile, runTraining } from "../src/layers/Training.ts"
 import { parseIntList } from "./argv.ts"
 import { progressPrinter, reportFailures } from "./report.ts"
@@ -94,6 +95,12 @@ export const trainFlags = {
     Flag.withDescription("pack documents into rows instead of padding each"),
   ),
   logEvery: Flag.Int("log-every").pipe(Flag.withDefault(1)),
+  lora: Flag.Boolean("lora").pipe(
+    Flag.withDefault(false),
+    Flag.withDescription("train LoRA pairs on every layer projection (the base frozen), as train_lora.py"),
+  ),
+  loraRank: Flag.Int("lora-rank").pipe(Flag.withDefault(8)),
+  loraAlpha: Flag.Finite("lora-alpha").pipe(Flag.withDefault(32)),
 }
 
 type TrainFlags = {
@@ -141,6 +148,7 @@ export const trainProgram = (f: TrainFlags) =>
       ...(opt(f.metricsFile) ? { metricsFile: opt(f.metricsFile)! } : {}),
       logEvery: f.logEvery,
       bf16ModelWeights: f.bf16ModelWeights,
+      ...(f.lora ? { lora: { rank: f.loraRank, alpha: f.loraAlpha } } : {}),
       onStart: (info) =>
         Effect.sync(() => {
           total = info.totalSteps
@@ -152,12 +160,14 @@ export const trainProgram = (f: TrainFlags) =>
         }),
       onStep: (m) => progress({ ...m, total }),
     })
-    const out = join(checkpointDir, "hf")
-    yield* saveHuggingFace(result.model, result.params, out, {
-      tokenizerDir: dirname(result.tokenizer.source.tokenizerFile),
-    })
+    const out = join(checkpointDir, result.lora ? "lora" : "hf")
+    if (result.lora) yield* saveLoraAdapter(result.lora, f.loraAlpha, out, modelName ?? embeddedModelDir)
+    else
+      yield* saveHuggingFace(result.model, result.params, out, {
+        tokenizerDir: dirname(result.tokenizer.source.tokenizerFile),
+      })
     process.stderr.write(
-      `magix: ${result.steps} steps, final loss ${result.lastMetrics?.loss.toFixed(4) ?? "?"}; model saved to ${out}\n` +
+      `magix: ${result.steps} steps, final loss ${result.lastMetrics?.loss.toFixed(4) ?? "?"}; ${result.lora ? "LoRA adapter" : "model"} saved to ${out}\n` +
         (embedded ? "magix: now try `npx magix generate` to see what it learned\n" : ""),
     )
   })

@@ -28,3 +28,24 @@ export const trainStepFn =
 /** The jitted train step: traced on the first batch of a shape, replayed after. */
 export const makeTrainStep = (model: CausalLM, optimizer: Optimizer) =>
   jit(trainStepFn(model, optimizer), { donate: [0, 1] })
+
+/**
+ * A LoRA train step: the base parameters are frozen (closed over, never donated), only the
+ * adapter pairs get gradients and updates.
+ */
+export const makeLoraTrainStep = (model: CausalLM, optimizer: Optimizer, base: Params, alpha: number) =>
+  jit(
+    (
+      lora: Params,
+      optState: OptState,
+      batch: TokenBatch,
+    ): { lora: Params; optState: OptState; loss: ShardedArray } => {
+      const { value, grads } = valueAndGrad((p: Params) =>
+        model.loss(base, batch, { lora: { params: p, alpha } }),
+      )(lora)
+      applyUpdates(optimizer, lora, grads, optState)
+      for (const g of Object.values(grads)) g.dispose()
+      return { lora, optState, loss: value }
+    },
+    { donate: [0, 1] },
+  )

@@ -9,9 +9,11 @@ import { fileURLToPath } from "node:url"
 import { Effect, Option, Schema } from "effect"
 import { configToJson, type ModelType, parameterCount } from "../core/config.ts"
 import { DataPosition } from "../core/data/position.ts"
+import type { DeviceError } from "../core/errors.ts"
+import { defaultLoraRules, initLora, loraPartitionRules, loraRank } from "../core/lora.ts"
 import type { Mesh } from "../core/mesh.ts"
 import { disposeBatch, placeBatch } from "../core/models/batch.ts"
-import type { CausalLM, Params } from "../core/models/decoder.ts"
+import type { CausalLM, Params, TokenBatch } from "../core/models/decoder.ts"
 import { modelClassFor } from "../core/models/decoder.ts"
 import { initParams } from "../core/models/init.ts"
 import {
@@ -31,8 +33,8 @@ import {
 import { specFor } from "../core/partitionRules.ts"
 import { isShardedArray, type ShardedArray, shardToHost } from "../core/shardedArray.ts"
 import { NamedSharding, P } from "../core/sharding.ts"
-import { makeTrainStep } from "../core/train.ts"
-import { leaves } from "../core/tree.ts"
+import { makeLoraTrainStep, makeTrainStep } from "../core/train.ts"
+import { leaves, type Tree } from "../core/tree.ts"
 import { type ArrayTarget, Checkpointer, CheckpointMismatch } from "./Checkpointer.ts"
 import { openDataset } from "./Dataset.ts"
 import { createDeviceMesh, Devices } from "./Devices.ts"
@@ -104,9 +106,19 @@ export interface TrainState {
   readonly dataPosition: DataPosition
 }
 
+/** One jitted update of the trained parameters (full parameters, or LoRA pairs). */
+export type StepFn = (
+  params: Params,
+  optState: OptState,
+  batch: TokenBatch,
+) => Effect.Effect<{ readonly loss: ShardedArray }, DeviceError>
+
 export interface LoopOptions {
   readonly model: CausalLM
+  /** What the step updates: the parameters, or the LoRA pairs. */
   readonly params: Params
+  /** The update; the full-parameter train step by default. */
+  readonly step?: StepFn
   readonly optState: OptState
   readonly optimizer: Optimizer
   readonly schedule: Schedule
@@ -141,7 +153,7 @@ export const trainLoop = (o: LoopOptions) =>
   Effect.gen(function* () {
     const devices = yield* Devices
     const { engine } = devices
-    const step = makeTrainStep(o.model, o.optimizer)
+    const step: StepFn = o.step ?? makeTrainStep(o.model, o.optimizer)
     const logEvery = Math.max(1, o.logEvery ?? 1)
     const flops = flopsPerToken(o.model, o.data.plan.maxLength)
     if (o.metricsFile) {
@@ -242,6 +254,8 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   readonly logEvery?: number
   readonly dataWorkers?: number
   readonly bf16ModelWeights: boolean
+  /** Train LoRA pairs of this rank (and alpha) on every layer projection, the base frozen. */
+  readonly lora?: { readonly rank: number; readonly alpha: number }
   readonly onStep?: (m: StepMetrics) => Effect.Effect<void>
   readonly onStart?: (info: {
     readonly model: CausalLM
@@ -265,56 +279,92 @@ export const runTraining = (o: TrainOptions) =>
     const latest = yield* ckpt.latestStep
     const disposeAll = (arrays: ReadonlyArray<ShardedArray>) =>
       Effect.sync(() => arrays.forEach((a) => a.dispose()))
-    let model: CausalLM
-    let params: Params
+    const configDir = fresh
+      ? embeddedModelDir
+      : yield* (yield* Hub).snapshot(o.modelName!, { allowPatterns: ["config.json"] })
+    const model = yield* loadModelConfig(Model, configDir)
+    // The base parameters: from the checkpoint when resuming full training; otherwise fresh (the
+    // embedded model, seeded) or from the Hub. LoRA training never checkpoints them.
+    const baseFromCheckpoint = Option.isSome(latest) && !o.lora
+    const params: Params = baseFromCheckpoint
+      ? ({} as Params)
+      : fresh
+        ? yield* Effect.acquireRelease(
+            initParams(model, devices.engine, mesh, rules, { seed: o.seed }),
+            (p) => disposeAll(Object.values(p)),
+          )
+        : (yield* loadModelHub(Model, o.modelName!, rules, mesh, { dtype })).params
+    if (devices.platform === "cuda") model.computeDtype = "bfloat16"
+    const loraRules = o.lora ? defaultLoraRules(o.lora.rank) : undefined
+    const loraNames = loraRules
+      ? model.parameterShapes.flatMap(([n, shape]) =>
+          shape.length === 2 && loraRank(loraRules, n) !== undefined ? [`${n}.lora_A`, `${n}.lora_B`] : [],
+        )
+      : []
+    const trainedRules = o.lora ? loraPartitionRules(rules, loraNames) : rules
+    let trained: Params
     let optStateRestored: OptState | undefined
     let resume: DataPosition | undefined
     let startStep = 0
     if (Option.isSome(latest)) {
-      // Resume: the model from its config, parameters, moments and data position from the checkpoint.
-      const configDir = fresh
-        ? embeddedModelDir
-        : yield* (yield* Hub).snapshot(o.modelName!, { allowPatterns: ["config.json"] })
-      model = yield* loadModelConfig(Model, configDir)
       startStep = latest.value
       const manifest = yield* ckpt.readManifest(startStep)
-      const paramTargets: Record<string, ArrayTarget> = {}
-      for (const [name, shape] of model.parameterShapes)
-        paramTargets[name] = { shape, dtype, sharding: new NamedSharding(mesh, specFor(rules, name, shape)) }
+      const targets: Record<string, ArrayTarget> = {}
+      if (o.lora) {
+        const lora = yield* initLora(
+          devices.engine,
+          mesh,
+          model.parameterShapes,
+          rules,
+          { rules: loraRules!, alpha: o.lora.alpha },
+          o.seed,
+        )
+        for (const [n, a] of Object.entries(lora))
+          targets[n] = { shape: a.shape, dtype: a.dtype, sharding: a.sharding }
+        Object.values(lora).forEach((a) => a.dispose())
+      } else {
+        for (const [name, shape] of model.parameterShapes)
+          targets[name] = { shape, dtype, sharding: new NamedSharding(mesh, specFor(rules, name, shape)) }
+      }
       const moments = Object.fromEntries(
-        Object.entries(paramTargets).map(([k, t]) => [k, { ...t, dtype: "float32" as const }]),
+        Object.entries(targets).map(([k, t]) => [k, { ...t, dtype: "float32" as const }]),
       )
+      const item = o.lora ? "lora" : "params"
       const restored = yield* Effect.acquireRelease(
         ckpt.restore(startStep, {
-          params: paramTargets,
+          [item]: targets,
           optState: {
             mu: moments,
             nu: moments,
             scalars: { shape: [8], dtype: "float64", sharding: new NamedSharding(mesh, P()) },
           },
-        }),
-        (r) => disposeAll([...leaves(r.params, isShardedArray), ...leaves(r.optState, isShardedArray)]),
+        } as Record<string, Tree<ArrayTarget>>),
+        (r) => disposeAll(Object.values(r).flatMap((t) => leaves(t as never, isShardedArray))),
       )
-      params = restored.params as Params
-      optStateRestored = restored.optState as unknown as OptState
+      trained = (restored as Record<string, unknown>)[item] as Params
+      if (!o.lora) Object.assign(params as Record<string, ShardedArray>, trained)
+      optStateRestored = (restored as Record<string, unknown>).optState as OptState
       resume = yield* Schema.decodeUnknownEffect(DataPosition)(manifest.dataPosition).pipe(
         Effect.mapError(
           (e) =>
             new CheckpointMismatch({ step: startStep, array: "dataPosition", detail: String(e.message) }),
         ),
       )
-    } else if (fresh) {
-      model = yield* loadModelConfig(Model, embeddedModelDir)
-      params = yield* Effect.acquireRelease(
-        initParams(model, devices.engine, mesh, rules, { seed: o.seed }),
+    } else if (o.lora) {
+      trained = yield* Effect.acquireRelease(
+        initLora(
+          devices.engine,
+          mesh,
+          model.parameterShapes,
+          rules,
+          { rules: loraRules!, alpha: o.lora.alpha },
+          o.seed,
+        ),
         (p) => disposeAll(Object.values(p)),
       )
     } else {
-      const loaded = yield* loadModelHub(Model, o.modelName!, rules, mesh, { dtype })
-      model = loaded.model
-      params = loaded.params
+      trained = params
     }
-    if (devices.platform === "cuda") model.computeDtype = "bfloat16"
     const tokenizer = yield* loadTokenizer(o.tokenizerName ?? o.modelName ?? embeddedModelDir, {
       addEosToken: true,
     })
@@ -344,7 +394,7 @@ export const runTraining = (o: TrainOptions) =>
     const { optimizer, schedule } = magixOptimizer({ ...o, totalSteps: planned })
     const optState =
       optStateRestored ??
-      (yield* Effect.acquireRelease(initializeOptState(optimizer, params, rules, mesh), (s) =>
+      (yield* Effect.acquireRelease(initializeOptState(optimizer, trained, trainedRules, mesh), (s) =>
         disposeAll([...Object.values(s.mu), ...Object.values(s.nu), s.scalars]),
       ))
     if (o.onStart)
@@ -357,7 +407,8 @@ export const runTraining = (o: TrainOptions) =>
       })
     const result = yield* trainLoop({
       model,
-      params,
+      params: trained,
+      ...(o.lora ? { step: makeLoraTrainStep(model, optimizer, params, o.lora.alpha) } : {}),
       optState,
       optimizer,
       schedule,
@@ -373,18 +424,28 @@ export const runTraining = (o: TrainOptions) =>
           ? ckpt.save(
               s.step,
               {
-                params: s.params,
+                [o.lora ? "lora" : "params"]: s.params,
                 optState: { mu: s.optState.mu, nu: s.optState.nu, scalars: s.optState.scalars },
               },
               {
-                rules,
+                rules: trainedRules,
                 dataPosition: s.dataPosition,
                 modelConfig: configToJson(model.config),
                 rng: { seed: o.seed },
+                ...(o.lora ? { extras: { lora: { rank: o.lora.rank, alpha: o.lora.alpha } } } : {}),
               },
             )
           : Effect.void,
     })
     yield* ckpt.wait
-    return { ...result, startStep, model, params, optState, tokenizer, mesh }
+    return {
+      ...result,
+      startStep,
+      model,
+      params,
+      lora: o.lora ? trained : undefined,
+      optState,
+      tokenizer,
+      mesh,
+    }
   })
