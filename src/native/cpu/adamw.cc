@@ -16,12 +16,12 @@
 namespace magix::cpu {
 namespace {
 
-double schedule(int kind, const double* s, double c) {
+double schedule(int64_t kind, const double* s, double c) {
   switch (kind) {
     case 0:
       return s[0];
-    case 1:
-      return s[2] > 0 ? s[0] + (s[1] - s[0]) * std::min(c, s[2]) / s[2] : s[1];
+    case 1:  // optax: no transition steps is the constant init
+      return s[2] > 0 ? s[0] + (s[1] - s[0]) * std::min(c, s[2]) / s[2] : s[0];
     case 2: {
       const double init = s[0], peak = s[1], warmup = s[2], decay = s[3], end = s[4];
       if (c < warmup) return init + (peak - init) * c / warmup;
@@ -53,16 +53,19 @@ void adamw(OpCtx& c) {
   const size_t count = c.n(1);
   const double b1 = c.f(2), b2 = c.f(3), eps = c.f(4), maxNorm = c.f(5);
   const bool skip = c.i(6) != 0;
-  const int kind = static_cast<int>(c.i(7));
+  const int64_t kind = c.i(7);
   double sched[5];
   for (int i = 0; i < 5; ++i) sched[i] = c.f(8 + i);
   check(c.bufs.size() == 2 + 4 * count, "adamw: buffers must be state, normSq, then p, g, m, v per tensor");
   double* state = c.need(0, 8, sizeof(double)).as<double>();
   const double normSq = *c.need(1, 1, sizeof(double)).as<double>();
-  // Every buffer is checked before anything changes.
+  // Every buffer and argument is checked before anything changes.
+  check(kind >= 0 && kind <= 2, "adamw: unknown schedule kind " + std::to_string(kind));
   MAGIX_FLOAT_DISPATCH(c, dtype_arg(c, 0), {
-    for (size_t i = 0; i < count; ++i)
+    for (size_t i = 0; i < count; ++i) {
+      c.f(14 + 2 * i);  // its weight decay is there
       for (size_t j = 0; j < 4; ++j) c.need(2 + 4 * i + j, c.n(13 + 2 * i), sizeof(T));
+    }
   });
   const double norm = std::sqrt(normSq);
   state[3] = norm;

@@ -10,11 +10,13 @@
 // keyMask [B, sMax] uint8. Query head h reads KV head h / (Hq / Hkv); query t sits at key
 // position qOffset + t. Key s is visible when keyMask[b, s] (if given), s ≤ qOffset + t (if causal)
 // and qOffset + t − s < window (if window > 0). A query with no visible key: o = 0, lse = −∞.
+#include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "gemm.h"
 #include "kernel.h"
+#include "vexp.h"
 
 namespace magix::cpu {
 namespace {
@@ -44,13 +46,19 @@ Shape parse(OpCtx& c) {
   return s;
 }
 
-// Whether key s is visible to query t of batch b.
-inline bool visible(const Shape& sh, const uint8_t* mask, int64_t b, int64_t t, int64_t s) {
-  if (mask && !mask[b * sh.sMax + s]) return false;
+// Sets the scores of keys [s0, s0 + ns) that query t of batch b may not see to −∞: outside the
+// interval causality and the window leave, or masked.
+template <typename T>
+inline void hide(const Shape& sh, const uint8_t* mask, int64_t b, int64_t t, int64_t s0, int64_t ns, T* row) {
   const int64_t qpos = sh.qOffset + t;
-  if (sh.causal && s > qpos) return false;
-  if (sh.window > 0 && qpos - s >= sh.window) return false;
-  return true;
+  const int64_t lo = sh.window > 0 ? qpos - sh.window + 1 : 0, hi = sh.causal ? qpos + 1 : sh.S;
+  const int64_t jlo = std::clamp<int64_t>(lo - s0, 0, ns), jhi = std::clamp<int64_t>(hi - s0, jlo, ns);
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < jlo; ++j) row[j] = ninf;
+  for (int64_t j = jhi; j < ns; ++j) row[j] = ninf;
+  if (mask)
+    for (int64_t j = jlo; j < jhi; ++j)
+      if (!mask[b * sh.sMax + s0 + j]) row[j] = ninf;
 }
 
 // The key range [lo, hi) that can be visible to queries [t0, t1): everything else is skipped.
@@ -92,27 +100,19 @@ void forward(OpCtx& c, const Shape& sh) {
                 scores.data(), KB, false);
         for (int64_t i = 0; i < nq; ++i) {
           T* row = scores.data() + i * KB;
-          double bmax = -std::numeric_limits<double>::infinity();
-          for (int64_t j = 0; j < ns; ++j) {
-            if (!visible(sh, mask, b, t0 + i, s0 + j)) row[j] = -std::numeric_limits<T>::infinity();
-            else bmax = std::max(bmax, static_cast<double>(row[j]));
-          }
-          if (bmax == -std::numeric_limits<double>::infinity()) {
-            for (int64_t j = 0; j < ns; ++j) row[j] = T(0);
+          hide(sh, mask, b, t0 + i, s0, ns, row);
+          T bmax = -std::numeric_limits<T>::infinity();
+          for (int64_t j = 0; j < ns; ++j) bmax = std::max(bmax, row[j]);
+          if (bmax == -std::numeric_limits<T>::infinity()) {
+            std::fill(row, row + ns, T(0));
             continue;
           }
-          const double mnew = std::max(m[i], bmax);
-          const double corr = std::exp(m[i] - mnew);
-          double sum = 0;
-          for (int64_t j = 0; j < ns; ++j) {
-            const double p = row[j] == -std::numeric_limits<T>::infinity() ? 0.0 : std::exp(row[j] - mnew);
-            row[j] = static_cast<T>(p);
-            sum += p;
-          }
-          l[i] = l[i] * corr + sum;
+          const double mnew = std::max(m[i], static_cast<double>(bmax));
+          const T corr = static_cast<T>(std::exp(m[i] - mnew));
+          l[i] = l[i] * corr + exp_shifted(row, static_cast<T>(mnew), row, ns);
           m[i] = mnew;
-          T* a = acc.data() + i * sh.hd;
-          for (int64_t d = 0; d < sh.hd; ++d) a[d] = static_cast<T>(a[d] * corr);
+          if (corr != T(1))
+            for (T* a = acc.data() + i * sh.hd; a != acc.data() + (i + 1) * sh.hd; ++a) *a *= corr;
         }
         // acc += P·V for the block.
         gemm<T>(nq, sh.hd, ns, T(1), MatView<T>{scores.data(), KB, false}, MatView<T>{vbase, kld, false}, T(1), acc.data(),
@@ -181,12 +181,16 @@ void backward(OpCtx& c, const Shape& sh) {
                     false);
             for (int64_t i = 0; i < nq; ++i) {
               const T L = lse[(b * sh.Hq + h) * sh.T + t0 + i];
-              for (int64_t j = 0; j < ns; ++j) {
-                const bool vis = L != -std::numeric_limits<T>::infinity() && visible(sh, mask, b, t0 + i, s0 + j);
-                const T pij = vis ? static_cast<T>(std::exp(static_cast<double>(p[i * KB + j]) - L)) : T(0);
-                p[i * KB + j] = pij;
-                dp[i * KB + j] = pij * (dp[i * KB + j] - Drow[i]);  // dS
+              T* prow = p.data() + i * KB;
+              T* dsrow = dp.data() + i * KB;
+              if (L == -std::numeric_limits<T>::infinity()) {
+                std::fill(prow, prow + ns, T(0));
+                std::fill(dsrow, dsrow + ns, T(0));
+                continue;
               }
+              hide(sh, mask, b, t0 + i, s0, ns, prow);
+              exp_shifted(prow, L, prow, ns);
+              for (int64_t j = 0; j < ns; ++j) dsrow[j] = prow[j] * (dsrow[j] - Drow[i]);
             }
             // dv += Pᵀ·dO, dk += scale·dSᵀ·q, dq += scale·dS·k
             gemm<T>(ns, sh.hd, nq, T(1), MatView<T>{p.data(), KB, true}, MatView<T>{dObase, qld, false}, T(1),

@@ -15,6 +15,7 @@
 
 #include "gemm.h"
 #include "kernel.h"
+#include "vexp.h"
 
 namespace magix::cpu {
 namespace {
@@ -27,7 +28,9 @@ struct Dims {
 
 Dims dims(OpCtx& c) {
   Dims d{c.i(1), c.i(2), c.i(3), c.i(4), c.i(5)};
-  check(d.N >= 0 && d.D >= 0 && d.V >= 0 && d.chunk > 0, c.name + ": bad sizes");
+  check(d.N >= 0 && d.D >= 0 && d.V >= 0 && d.chunk > 0, c.name + ": sizes must be non-negative and chunk positive");
+  // A chunk wider than the vocabulary would only size the logits buffer beyond need.
+  d.chunk = std::min(d.chunk, std::max<int64_t>(d.V, 1));
   return d;
 }
 
@@ -53,16 +56,14 @@ void fwd(OpCtx& c, const Dims& d) {
         gemm<T>(nr, nv, d.D, T(1), MatView<T>{h + n0 * d.D, d.D, false}, MatView<T>{W + v0 * d.D, d.D, true}, T(0),
                 logits.data(), d.chunk, false);
         for (int64_t i = 0; i < nr; ++i) {
-          const T* row = logits.data() + i * d.chunk;
-          double bmax = row[0];
-          for (int64_t j = 1; j < nv; ++j) bmax = std::max(bmax, static_cast<double>(row[j]));
-          const double mnew = std::max(mx[i], bmax);
-          double acc = 0;
-          for (int64_t j = 0; j < nv; ++j) acc += std::exp(static_cast<double>(row[j]) - mnew);
-          sm[i] = sm[i] * std::exp(mx[i] - mnew) + acc;
-          mx[i] = mnew;
+          T* row = logits.data() + i * d.chunk;
           const int64_t t = static_cast<int64_t>(tg[n0 + i]) - d.start - v0;
           if (t >= 0 && t < nv) tz[i] = row[t];
+          T bmax = row[0];
+          for (int64_t j = 1; j < nv; ++j) bmax = std::max(bmax, row[j]);
+          const double mnew = std::max(mx[i], static_cast<double>(bmax));
+          sm[i] = sm[i] * std::exp(mx[i] - mnew) + exp_shifted(row, static_cast<T>(mnew), row, nv);
+          mx[i] = mnew;
         }
       }
       for (int64_t i = 0; i < nr; ++i) {
@@ -86,12 +87,11 @@ void gradient_block(T* logits, int64_t ld, int64_t n0, int64_t nr, int64_t v0, i
       for (int64_t j = 0; j < nv; ++j) row[j] = T(0);
       continue;
     }
-    const double scale = gradScale * static_cast<double>(rs[n]);
+    const T scale = static_cast<T>(gradScale * static_cast<double>(rs[n]));
+    exp_shifted(row, lse[n], row, nv);
+    for (int64_t j = 0; j < nv; ++j) row[j] *= scale;
     const int64_t t = static_cast<int64_t>(tg[n]) - d.start - v0;
-    for (int64_t j = 0; j < nv; ++j) {
-      const double p = std::exp(static_cast<double>(row[j]) - static_cast<double>(lse[n]));
-      row[j] = static_cast<T>(scale * (p - (j == t ? 1.0 : 0.0)));
-    }
+    if (t >= 0 && t < nv) row[t] -= scale;
   }
 }
 

@@ -34,6 +34,10 @@ inline size_t mul(size_t a, size_t b) {
 }
 inline size_t mul(size_t a, size_t b, size_t c) { return mul(mul(a, b), c); }
 inline size_t mul(size_t a, size_t b, size_t c, size_t d) { return mul(mul(a, b, c), d); }
+inline size_t add(size_t a, size_t b) {
+  if (b > std::numeric_limits<size_t>::max() - a) invalid("size overflow");
+  return a + b;
+}
 
 inline DType dtype_arg(OpCtx& c, size_t i) { return to_dtype(c.f(i)); }
 

@@ -9,12 +9,13 @@
 namespace magix::cpu {
 namespace {
 
-// The number of elements a strided batch of matrices reaches, for the bounds check.
+// One past the highest element a strided batch of matrices reaches, for the bounds check; every
+// step is checked, so huge strides fail instead of wrapping around.
 size_t extent(int64_t batch, int64_t rows, int64_t cols, bool trans, int64_t ld, int64_t stride, int64_t off) {
   if (batch == 0 || rows == 0 || cols == 0) return 0;
-  const int64_t last = trans ? (cols - 1) * ld + (rows - 1) : (rows - 1) * ld + (cols - 1);
-  return static_cast<size_t>(off) + mul(static_cast<size_t>(batch - 1), static_cast<size_t>(stride)) +
-         static_cast<size_t>(last) + 1;
+  const auto u = [](int64_t v) { return static_cast<size_t>(v); };
+  const size_t last = trans ? add(mul(u(cols - 1), u(ld)), u(rows - 1)) : add(mul(u(rows - 1), u(ld)), u(cols - 1));
+  return add(add(u(off), mul(u(batch - 1), u(stride))), add(last, 1));
 }
 
 void matmul(OpCtx& c) {
@@ -33,6 +34,9 @@ void matmul(OpCtx& c) {
     const T* B = c.need(1, extent(batch, K, N, tb, ldb, sb, ob), sizeof(T)).as<T>();
     T* C = c.need(2, extent(batch, M, N, false, ldc, sc, oc), sizeof(T)).as<T>();
     check(!(c.buf(2).ptr == c.buf(0).ptr || c.buf(2).ptr == c.buf(1).ptr), "matmul: C must not alias A or B");
+    // Batches run in parallel, so their outputs must be disjoint.
+    check(batch <= 1 || M == 0 || N == 0 || static_cast<size_t>(sc) >= extent(1, M, N, false, ldc, 0, 0),
+          "matmul: strideC makes the batch's outputs overlap");
     const bool perBatch = batch >= num_threads();
     auto one = [&](int64_t b, bool parallel) {
       gemm<T>(M, N, K, static_cast<T>(alpha), MatView<T>{A + oa + b * sa, lda, ta}, MatView<T>{B + ob + b * sb, ldb, tb},

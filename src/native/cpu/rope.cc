@@ -22,7 +22,8 @@ void rope(OpCtx& c) {
     const T* x = c.need(0, mul(N, H, hd), sizeof(T)).as<T>();
     const T* inv = c.need(2, half, sizeof(T)).as<T>();
     T* out = c.need(3, mul(N, H, hd), sizeof(T)).as<T>();
-    parallel_for(static_cast<int64_t>(N), std::max<int64_t>(1, 2048 / static_cast<int64_t>(H * hd)), [&](int64_t lo, int64_t hi) {
+    const int64_t grain = std::max<int64_t>(1, 2048 / static_cast<int64_t>(std::max<size_t>(1, mul(H, hd))));
+    parallel_for(static_cast<int64_t>(N), grain, [&](int64_t lo, int64_t hi) {
       std::vector<T> cs(half), sn(half);
       for (int64_t n = lo; n < hi; ++n) {
         for (size_t i = 0; i < half; ++i) {
