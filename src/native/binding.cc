@@ -242,7 +242,11 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
 #ifdef MAGIX_WITH_CUDA
       if (auto* cb = dynamic_cast<magix::cuda::CudaBackend*>(&be(info.Env()))) {
         std::vector<int> d;
-        for (double x : devs) d.push_back(static_cast<int>(x));
+        for (double x : devs) {
+          if (!(x >= 0) || x > 65535 || x != static_cast<double>(static_cast<int>(x)))
+            magix::invalid("createCommunicator: devices are non-negative integers");
+          d.push_back(static_cast<int>(x));
+        }
         return Napi::Number::New(info.Env(), cb->create_communicator(d));
       }
 #endif

@@ -34,7 +34,11 @@ export interface NativeBackend {
   opNames(): string[]
   exec(op: number, buffers: ReadonlyArray<number>, args: ReadonlyArray<number> | Float64Array): void
   dispose(): void
-  /** An NCCL communicator over these GPUs, in rank order (0 on the CPU, which needs none). */
+  /**
+   * An NCCL communicator over these GPUs, rank i on devices[i] (0 on the CPU, which needs none).
+   * Collective ops take its id as `comm`; `comm` 0 on CUDA means the device list's own
+   * communicator, made on first use and kept until the backend is disposed.
+   */
   createCommunicator(devices: ReadonlyArray<number>): number
   destroyCommunicator(id: number): void
 }

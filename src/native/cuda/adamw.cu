@@ -1,9 +1,23 @@
-// adamw(state, normSq, p_0, g_0, m_0, v_0, ...; dtype, count, b1, b2, eps, maxNorm, skipNonFinite,
-//       scheduleKind, schedule[5], n_0, wd_0, ...): the fused optimizer pass of src/native/OPS.md.
-// A one-thread prologue reads the gradient norm and the update count on the device, decides
-// skip / clip / learning rate and updates the state; then the tensors are updated in launches of
-// up to 32 tensors whose pointers travel in the kernel's parameters (capturable in a CUDA graph:
-// no host-to-device copies). Parameters and moments are float32.
+// The fused optimizer pass (src/native/OPS.md, optax semantics):
+//   adamw(state, normSq, p_0, g_0, m_0, v_0, ...; dtype, count, b1, b2, eps, maxNorm, skipNonFinite,
+//         scheduleKind, schedule[5], n_0, wd_0, ...)
+//   norm = √normSq; a non-finite norm with skipNonFinite only counts (state[1]++, state[2]++);
+//   else with c = state[0], t = c + 1, lr = schedule(c), scale = maxNorm/norm when maxNorm > 0 and
+//   norm ≥ maxNorm (else 1): g' = scale·g, m = b1·m + (1 − b1)·g', v = b2·v + (1 − b2)·g'²,
+//   p −= lr·((m / (1 − b1ᵗ)) / (√(v / (1 − b2ᵗ)) + eps) + wd·p); state[0] = t, state[4] = lr.
+//   state[3] = norm always. state: float64 [8]; normSq: float64 [1]; p, g, m, v: float32.
+// Schedules at c (updates already applied): 0 constant(v); 1 linear(init, end, steps);
+// 2 warmup-cosine(init, peak, warmup, decaySteps, end).
+//
+// Nothing is read on the host: a one-thread prologue reads normSq and the state on the device,
+// evaluates the schedule, decides skip / clip and updates the state, leaving the step's scalars in
+// scratch. Then ONE launch updates a whole group of tensors (multi-tensor apply): the tensors'
+// pointers, sizes, decays and tile offsets travel by value in a kernel parameter struct (sm_90
+// takes up to 32 KB of parameters; kGroup tensors fill about 17 KB), read in place as a
+// __grid_constant__. A list longer than kGroup tensors takes one launch per kGroup. No
+// host-to-device copy of a pointer table: the launches can be captured in a CUDA graph.
+// Work is split in tiles of kTile elements over a grid of a few blocks per SM, so one huge
+// embedding and a hundred small norms balance; float4 accesses.
 #include <vector>
 
 #include "common.cuh"
@@ -12,7 +26,7 @@ namespace magix::cuda {
 namespace {
 
 struct StepParams {
-  float lr, scale, bc1, bc2;
+  float lr, scale, inv_bc1, inv_bc2;
   int skip;
 };
 
@@ -47,78 +61,130 @@ __global__ void prologue(double* state, const double* normSq, StepParams* out, S
   out->skip = 0;
   out->lr = static_cast<float>(lr);
   out->scale = static_cast<float>((maxNorm > 0 && norm >= maxNorm) ? maxNorm / norm : 1.0);
-  out->bc1 = static_cast<float>(1 - pow(b1, t));
-  out->bc2 = static_cast<float>(1 - pow(b2, t));
+  out->inv_bc1 = static_cast<float>(1.0 / (1 - pow(b1, t)));
+  out->inv_bc2 = static_cast<float>(1.0 / (1 - pow(b2, t)));
   state[0] = t;
   state[4] = lr;
 }
 
-constexpr int kGroup = 32;
-struct Group {
+constexpr int kGroup = 320;
+constexpr int64_t kTile = 4096;  // elements per work item (a multiple of 4: tiles start 16-byte aligned)
+constexpr int kThreads = 256;
+
+struct TensorList {
   float* p[kGroup];
   const float* g[kGroup];
   float* m[kGroup];
   float* v[kGroup];
   int64_t n[kGroup];
+  int64_t first_tile[kGroup + 1];  // tensor i owns tiles [first_tile[i], first_tile[i + 1])
   float wd[kGroup];
+  uint8_t vec[kGroup];  // all four pointers 16-byte aligned
+  int count;
 };
+static_assert(sizeof(TensorList) < 32000, "kernel parameters must stay under 32 KB");
 
-__global__ void update(Group grp, const StepParams* sp, float b1, float b2, float eps) {
-  if (sp->skip) return;
-  const int t = blockIdx.y;
-  float* p = grp.p[t];
-  const float* g = grp.g[t];
-  float* m = grp.m[t];
-  float* v = grp.v[t];
-  const float lr = sp->lr, scale = sp->scale, bc1 = sp->bc1, bc2 = sp->bc2, wd = grp.wd[t];
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < grp.n[t]; i += (int64_t)gridDim.x * blockDim.x) {
-    const float gi = scale * g[i];
-    const float mi = b1 * m[i] + (1 - b1) * gi;
-    const float vi = b2 * v[i] + (1 - b2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    const float pi = p[i];
-    p[i] = pi - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * pi);
+__device__ __forceinline__ void adam_one(float& p, float g, float& m, float& v, const StepParams& sp, float b1, float b2,
+                                         float eps, float wd) {
+  const float gi = sp.scale * g;
+  m = b1 * m + (1.f - b1) * gi;
+  v = b2 * v + (1.f - b2) * gi * gi;
+  p = p - sp.lr * ((m * sp.inv_bc1) / (sqrtf(v * sp.inv_bc2) + eps) + wd * p);
+}
+
+__global__ void __launch_bounds__(kThreads) update(const __grid_constant__ TensorList L, const StepParams* __restrict sp_,
+                                                   float b1, float b2, float eps) {
+  const StepParams sp = *sp_;
+  if (sp.skip) return;
+  const int64_t tiles = L.first_tile[L.count];
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    // The tensor owning this tile: the last i with first_tile[i] <= tile.
+    int lo = 0, hi = L.count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (L.first_tile[mid] <= tile) lo = mid;
+      else hi = mid - 1;
+    }
+    const int t = lo;
+    const int64_t start = (tile - L.first_tile[t]) * kTile, end = min(L.n[t], start + kTile);
+    float* p = L.p[t];
+    const float* g = L.g[t];
+    float* m = L.m[t];
+    float* v = L.v[t];
+    const float wd = L.wd[t];
+    int64_t scalar_from = start;
+    if (L.vec[t]) {
+      const int64_t vend = start + (end - start) / 4 * 4;
+      for (int64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * kThreads) {
+        float4 pv = *reinterpret_cast<const float4*>(p + i);
+        const float4 gv = *reinterpret_cast<const float4*>(g + i);
+        float4 mv = *reinterpret_cast<const float4*>(m + i);
+        float4 vv = *reinterpret_cast<const float4*>(v + i);
+        adam_one(pv.x, gv.x, mv.x, vv.x, sp, b1, b2, eps, wd);
+        adam_one(pv.y, gv.y, mv.y, vv.y, sp, b1, b2, eps, wd);
+        adam_one(pv.z, gv.z, mv.z, vv.z, sp, b1, b2, eps, wd);
+        adam_one(pv.w, gv.w, mv.w, vv.w, sp, b1, b2, eps, wd);
+        *reinterpret_cast<float4*>(p + i) = pv;
+        *reinterpret_cast<float4*>(m + i) = mv;
+        *reinterpret_cast<float4*>(v + i) = vv;
+      }
+      scalar_from = vend;
+    }
+    for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+      float pi = p[i], mi = m[i], vi = v[i];
+      adam_one(pi, g[i], mi, vi, sp, b1, b2, eps, wd);
+      p[i] = pi, m[i] = mi, v[i] = vi;
+    }
   }
 }
 
 void adamw(OpCtx& c) {
-  check(to_dtype(c.f(0)) == DType::F32, "adamw: parameters and moments are float32 on CUDA");
+  check(to_dtype(c.f(0)) == DType::F32,
+        "adamw: the CUDA backend updates float32 parameters and moments (dtype 0; OPS.md, Mixed precision)");
   const size_t count = c.n(1);
   const double b1 = c.f(2), b2 = c.f(3), eps = c.f(4), maxNorm = c.f(5);
   const int skip = c.i(6) != 0;
   Schedule sched{};
   sched.kind = static_cast<int>(c.i(7));
-  check(sched.kind >= 0 && sched.kind <= 2, "adamw: unknown schedule kind");
+  check(sched.kind >= 0 && sched.kind <= 2, "adamw: unknown schedule kind " + std::to_string(sched.kind));
   for (int i = 0; i < 5; ++i) sched.p[i] = c.f(8 + i);
   check(c.bufs.size() == 2 + 4 * count, "adamw: buffers must be state, normSq, then p, g, m, v per tensor");
   double* state = c.need(0, 8, 8).as<double>();
   const double* normSq = c.need(1, 1, 8).as<double>();
+  // Every buffer is checked before anything is enqueued.
   std::vector<int64_t> ns(count);
   for (size_t i = 0; i < count; ++i) {
     ns[i] = static_cast<int64_t>(c.n(13 + 2 * i));
+    c.f(14 + 2 * i);
     for (size_t j = 0; j < 4; ++j) c.need(2 + 4 * i + j, static_cast<size_t>(ns[i]), 4);
   }
   cudaStream_t s = op_stream(c);
-  auto* sp = static_cast<StepParams*>(cuda_backend(c).workspace(c.buf(0).device, sizeof(StepParams)));
+  const int dev = op_device(c);
+  auto* sp = static_cast<StepParams*>(cuda_backend(c).scratch(dev, sizeof(StepParams)));
   prologue<<<1, 1, 0, s>>>(state, normSq, sp, sched, b1, b2, maxNorm, skip);
   CUDA_CHECK_LAUNCH();
+  const int64_t maxBlocks = 8 * static_cast<int64_t>(cuda_backend(c).multiprocessors(dev));
   for (size_t start = 0; start < count; start += kGroup) {
-    Group grp{};
-    const int k = static_cast<int>(std::min<size_t>(kGroup, count - start));
-    int64_t biggest = 1;
-    for (int t = 0; t < k; ++t) {
+    // The struct is large: build it in static storage rather than on the host stack.
+    static thread_local TensorList L;
+    L.count = static_cast<int>(std::min<size_t>(kGroup, count - start));
+    int64_t tiles = 0;
+    for (int t = 0; t < L.count; ++t) {
       const size_t i = start + t;
-      grp.p[t] = c.bufs[2 + 4 * i].as<float>();
-      grp.g[t] = c.bufs[3 + 4 * i].as<const float>();
-      grp.m[t] = c.bufs[4 + 4 * i].as<float>();
-      grp.v[t] = c.bufs[5 + 4 * i].as<float>();
-      grp.n[t] = ns[i];
-      grp.wd[t] = static_cast<float>(c.f(14 + 2 * i));
-      biggest = std::max(biggest, ns[i]);
+      L.p[t] = c.bufs[2 + 4 * i].as<float>();
+      L.g[t] = c.bufs[3 + 4 * i].as<const float>();
+      L.m[t] = c.bufs[4 + 4 * i].as<float>();
+      L.v[t] = c.bufs[5 + 4 * i].as<float>();
+      L.n[t] = ns[i];
+      L.wd[t] = static_cast<float>(c.f(14 + 2 * i));
+      L.vec[t] = aligned16(L.p[t], L.g[t], L.m[t], L.v[t]) ? 1 : 0;
+      L.first_tile[t] = tiles;
+      tiles += (ns[i] + kTile - 1) / kTile;
     }
-    dim3 grid(static_cast<unsigned>(std::min<int64_t>((biggest + 255) / 256, 1024)), static_cast<unsigned>(k));
-    update<<<grid, 256, 0, s>>>(grp, sp, static_cast<float>(b1), static_cast<float>(b2), static_cast<float>(eps));
+    L.first_tile[L.count] = tiles;
+    if (tiles == 0) continue;
+    const unsigned grid = static_cast<unsigned>(std::min(tiles, maxBlocks));
+    update<<<grid, kThreads, 0, s>>>(L, sp, static_cast<float>(b1), static_cast<float>(b2), static_cast<float>(eps));
     CUDA_CHECK_LAUNCH();
   }
 }

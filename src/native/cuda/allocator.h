@@ -1,11 +1,18 @@
-// A caching allocator per GPU: freed blocks go to free lists by rounded size and are reused
-// without synchronisation (each device has one ordered stream, so a later op cannot overtake the
-// last use of a block freed before it was enqueued). On cudaMalloc failure the cache is released
-// and the allocation retried.
+// A caching allocator per GPU. Requests are rounded to size classes (512 B steps up to 1 MiB,
+// 2 MiB steps above: the driver's page size, so the rounding costs no physical memory); a freed
+// block goes to a free list and is handed out again to a request of its class (or one a little
+// smaller) without any synchronisation: each device has one ordered stream and every op runs on
+// it, so work enqueued after the free cannot overtake the last use of the block. When cudaMalloc
+// fails the cached blocks are returned to the driver (after a device synchronisation) and the
+// request retried; if it still fails, the caller gets OUT_OF_MEMORY with the request, the free
+// bytes, the bytes in use and the five largest live allocations.
 #pragma once
+#include <cuda_runtime.h>
+
 #include <cstddef>
 #include <map>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 namespace magix::cuda {
@@ -14,20 +21,41 @@ class CachingAllocator {
  public:
   explicit CachingAllocator(int device) : device_(device) {}
   ~CachingAllocator();
-  // nullptr when the device cannot hold `bytes` even after releasing the cache.
-  void* allocate(size_t bytes);
-  void release(void* ptr, size_t bytes);
-  // Returns cached blocks to the driver.
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
+
+  // A block of at least `bytes` (256-byte aligned), or nullptr when the device cannot hold it even
+  // after the cache was emptied. `what` names the block in out-of-memory reports (a string literal).
+  void* try_allocate(size_t bytes, const char* what);
+  // Returns a block to the cache; unknown pointers are ignored.
+  void release(void* ptr);
+  // Gives every cached block back to the driver (synchronises the device first).
   void empty_cache();
-  size_t reserved() const { return reserved_; }
-  static size_t rounded(size_t bytes);
+
+  // The OUT_OF_MEMORY error for a failed request of `bytes`.
+  [[noreturn]] void throw_out_of_memory(size_t bytes, const std::string& context) const;
+
+  size_t in_use() const;    // bytes requested by live blocks
+  size_t reserved() const;  // bytes held from the driver: live and cached
+  static size_t round(size_t bytes);
 
  private:
+  struct Live {
+    size_t size = 0;       // the block's real (rounded) size
+    size_t requested = 0;  // what was asked for
+    const char* what = "";
+  };
+  void* reuse(size_t size, size_t& real);
+  void free_cached_locked();
+
   int device_;
-  std::multimap<size_t, void*> free_;
-  std::unordered_map<void*, size_t> sizes_;  // every block's real size
-  size_t reserved_ = 0;  // bytes obtained from cudaMalloc, in use or cached
-  std::mutex mu_;
+  std::multimap<size_t, void*> cached_;     // free blocks by real size
+  std::unordered_map<void*, Live> live_;    // blocks handed out
+  size_t reserved_ = 0, in_use_ = 0;
+  mutable std::mutex mu_;
 };
+
+// "1024 MiB" style sizes for error messages.
+std::string format_bytes(size_t bytes);
 
 }  // namespace magix::cuda

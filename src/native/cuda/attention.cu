@@ -1,277 +1,371 @@
-// Attention on CUDA (src/native/OPS.md): q, o [B, T, Hq, hd]; k, v [B, sMax, Hkv, hd]; lse [B, Hq, T]
-// float32; optional keyMask [B, sMax]. Key s is visible to query t when the mask allows it,
-// s ≤ qOffset + t (causal) and qOffset + t − s < window (window > 0).
-//   attention_fwd: o = softmax(scale·q·kᵀ over visible keys)·v, lse = log Σ exp(...)
-//   attention_bwd: D = rowsum(dO·o), P = exp(scale·q·kᵀ − lse), dv = Pᵀ·dO,
-//                  dS = P·(dO·vᵀ − D), dq = scale·dS·k, dk = scale·dSᵀ·q
-// This is the reference path: one thread per query (or key) row, keys (or queries) streamed
-// through shared memory in tiles with an online softmax, so no score matrix is ever stored;
-// arithmetic in float32. Fully masked rows give o = 0, lse = −∞ and no gradient.
+// Attention (src/native/OPS.md): q, o [B, T, Hq, hd]; k, v [B, sMax, Hkv, hd] (the first S rows
+// used); lse [B, Hq, T] float32; optional keyMask [B, sMax] uint8 (1 = may be attended). Query head
+// h reads KV head h / (Hq / Hkv); query t sits at key position qOffset + t. Key s is visible to
+// query t when (no mask or keyMask[b, s]) and (not causal or s ≤ qOffset + t) and
+// (window = 0 or qOffset + t − s < window).
+//   attention_fwd(q, k, v, o, lse[, keyMask]; dtype, B, T, S, Hq, Hkv, hd, scale, causal, window,
+//                 qOffset, hasMask, sMax):
+//     o = softmax(scale·q·kᵀ over visible keys)·v, lse = log Σ exp(scale·q·kᵀ) over visible keys
+//   attention_bwd(q, k, v, o, lse, dO, dq, dk, dv[, keyMask]; same args):
+//     D = rowsum(dO·o), p = exp(scale·q·kᵀ − lse), dv = pᵀ·dO, ds = p·(dO·vᵀ − D),
+//     dq = scale·ds·k, dk = scale·dsᵀ·q (dk, dv summed over the query heads of a KV head, written
+//     for the first S rows only)
+// A query with no visible key gets o = 0 and lse = −∞ and contributes nothing to the gradients.
+// The score matrix never exists in global memory.
+//
+// Two paths:
+// - bfloat16 with hd 64 or 128: FlashAttention-2 on the tensor cores (mma.sync m16n8k16 bf16 →
+//   float32 via inline PTX; operands from shared memory through ldmatrix; tiles staged by cp.async).
+//   Forward: a block of 4 warps owns 64 queries of one (batch, head); each warp owns 16 query rows
+//   with its Q fragments, S tile, running max/sum and O accumulator in registers. Key/value tiles of
+//   64 rows are double-buffered in shared memory; for each: S = Q·Kᵀ, visibility (only on tiles
+//   that causality, the window, the sequence end or the key mask cut; tiles they hide entirely are
+//   skipped), online softmax in base 2 (the row max and sum across the 4 threads of an mma quad),
+//   P packed to bf16 straight from the S accumulators into A fragments, O += P·V.
+//   Backward: first D = rowsum(dO·o) per query row (float32 scratch; the same kernel zeroes the
+//   float32 dq accumulator). Then a block of 4 warps owns 64 keys of one (batch, KV head): K and V
+//   stay in shared memory, each warp owns 16 key rows with dK and dV accumulators in registers,
+//   and the block loops over the query heads of the group and their query tiles (64 queries for
+//   hd 64, 32 for hd 128; double-buffered Q, dO, lse and D): Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2e −
+//   lse·log2e), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ·(dPᵀ − D), dV += Pᵀ·dO, dK += dSᵀ·Q (P and dS as A fragments
+//   from registers); dSᵀ goes to shared memory in bf16 and dQ_tile = dS·K is added into the
+//   float32 accumulator with float2 atomics; a last kernel converts dq to bf16.
+// - everything else (float32; other head sizes up to 256): one warp per query row (forward, dq)
+//   or key row (dk, dv), each lane holding hd/32 dimensions, keys streamed with an online softmax;
+//   simple, exact float32 arithmetic, no atomics. MAGIX_ATTENTION=reference in the environment
+//   sends bfloat16 through this path too (for checking the fast one).
+#include <cstdlib>
+#include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "common.cuh"
+#include "flash_mma.cuh"
 
 namespace magix::cuda {
 namespace {
 
-constexpr int TILE = 32;
+using flash::BwdCfg;
+using flash::flash_bwd;
+using flash::flash_fwd;
+using flash::FwdCfg;
+using flash::kLog2e;
+using flash::Params;
 
-struct Shape {
-  int64_t B, T, S, Hq, Hkv, hd, sMax, window, qOffset;
-  float scale;
-  bool causal;
-  const uint8_t* mask;
-};
+// ======================= the reference path: one warp per row =======================
 
-__device__ __forceinline__ bool visible(const Shape& sh, int64_t b, int64_t t, int64_t s) {
-  if (s >= sh.S) return false;
-  if (sh.mask && !sh.mask[b * sh.sMax + s]) return false;
-  const int64_t q = sh.qOffset + t;
-  if (sh.causal && s > q) return false;
-  if (sh.window > 0 && q - s >= sh.window) return false;
-  return true;
+constexpr int kMaxPerLane = 8;  // hd ≤ 256
+constexpr int kRefWarps = 4;
+
+template <typename T>
+__device__ __forceinline__ void load_row(const T* row, int hd, int lane, float (&x)[kMaxPerLane]) {
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int d = lane + 32 * i;
+    x[i] = d < hd ? to_f(row[d]) : 0.f;
+  }
 }
 
-template <typename T, int HD>
-__global__ void fwd_kernel(const T* q, const T* k, const T* v, T* o, float* lse, Shape sh) {
-  __shared__ float ks[TILE][HD], vs[TILE][HD];
-  const int64_t bh = blockIdx.y, b = bh / sh.Hq, h = bh % sh.Hq, hk = h / (sh.Hq / sh.Hkv);
-  const int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const bool active = t < sh.T;
-  float qr[HD], acc[HD];
-  if (active)
-    for (int d = 0; d < HD; ++d) qr[d] = to_f(q[((b * sh.T + t) * sh.Hq + h) * HD + d]) * sh.scale;
-  for (int d = 0; d < HD; ++d) acc[d] = 0.f;
+__device__ __forceinline__ float dot_row(const float (&a)[kMaxPerLane], const float (&b)[kMaxPerLane]) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) s += a[i] * b[i];
+  return warp_sum(s);
+}
+
+// Rows are (b, h, t) in that order, so neighbouring warps share keys.
+template <typename T>
+__global__ void ref_fwd(const Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * (int64_t)kRefWarps + (threadIdx.x >> 5);
+  if (w >= p.B * p.Hq * p.T) return;
+  const int hd = static_cast<int>(p.hd);
+  const int64_t t = w % p.T, h = (w / p.T) % p.Hq, b = w / (p.T * p.Hq), hk = h / (p.Hq / p.Hkv);
+  const T* q = static_cast<const T*>(p.q) + ((b * p.T + t) * p.Hq + h) * p.hd;
+  float qr[kMaxPerLane], acc[kMaxPerLane];
+  load_row(q, hd, lane, qr);
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) acc[i] = 0.f;
+  const int64_t qpos = p.qOffset + t;
+  const int64_t lo = p.window > 0 ? max((int64_t)0, qpos - p.window + 1) : 0;
+  const int64_t hi = p.causal ? min(p.S, qpos + 1) : p.S;
   float m = -INFINITY, l = 0.f;
-  // Keys any query of this block can see.
-  const int64_t t0 = blockIdx.x * (int64_t)blockDim.x, t1 = min(sh.T, t0 + (int64_t)blockDim.x);
-  int64_t hi = sh.S, lo = 0;
-  if (sh.causal) hi = min(hi, sh.qOffset + t1);
-  if (sh.window > 0) lo = max((int64_t)0, sh.qOffset + t0 - sh.window + 1);
-  for (int64_t s0 = lo; s0 < hi; s0 += TILE) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-      const int r = i / HD, d = i % HD;
-      const int64_t s = s0 + r;
-      const bool in = s < sh.S;
-      ks[r][d] = in ? to_f(k[((b * sh.sMax + s) * sh.Hkv + hk) * HD + d]) : 0.f;
-      vs[r][d] = in ? to_f(v[((b * sh.sMax + s) * sh.Hkv + hk) * HD + d]) : 0.f;
-    }
-    __syncthreads();
-    if (!active) continue;
-    for (int r = 0; r < TILE; ++r) {
-      if (!visible(sh, b, t, s0 + r)) continue;
-      float sc = 0.f;
-      for (int d = 0; d < HD; ++d) sc += qr[d] * ks[r][d];
-      const float mn = fmaxf(m, sc);
-      const float corr = __expf(m - mn), p = __expf(sc - mn);
-      l = l * corr + p;
-      for (int d = 0; d < HD; ++d) acc[d] = acc[d] * corr + p * vs[r][d];
-      m = mn;
-    }
+  for (int64_t s = lo; s < hi; ++s) {
+    if (p.mask && !p.mask[b * p.sMax + s]) continue;
+    const int64_t kv = ((b * p.sMax + s) * p.Hkv + hk) * p.hd;
+    float kr[kMaxPerLane], vr[kMaxPerLane];
+    load_row(static_cast<const T*>(p.k) + kv, hd, lane, kr);
+    load_row(static_cast<const T*>(p.v) + kv, hd, lane, vr);
+    const float sc = dot_row(qr, kr) * p.scale;
+    const float mn = fmaxf(m, sc);
+    const float corr = __expf(m - mn), e = __expf(sc - mn);
+    l = l * corr + e;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) acc[i] = acc[i] * corr + e * vr[i];
+    m = mn;
   }
-  if (!active) return;
-  const float inv = l > 0 ? 1.f / l : 0.f;
-  for (int d = 0; d < HD; ++d) o[((b * sh.T + t) * sh.Hq + h) * HD + d] = from_f<T>(acc[d] * inv);
-  lse[(b * sh.Hq + h) * sh.T + t] = l > 0 ? m + logf(l) : -INFINITY;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  T* o = static_cast<T*>(p.out) + ((b * p.T + t) * p.Hq + h) * p.hd;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < hd) o[d] = from_f<T>(acc[i] * inv);
+  }
+  if (lane == 0) p.lse[(b * p.Hq + h) * p.T + t] = l > 0.f ? m + logf(l) : -INFINITY;
 }
 
-template <typename T, int HD>
-__global__ void delta_kernel(const T* o, const T* dO, float* D, Shape sh) {
-  const int64_t rows = sh.B * sh.Hq * sh.T;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t t = i % sh.T, bh = i / sh.T, b = bh / sh.Hq, h = bh % sh.Hq;
-    const int64_t base = ((b * sh.T + t) * sh.Hq + h) * HD;
-    float acc = 0.f;
-    for (int d = 0; d < HD; ++d) acc += to_f(o[base + d]) * to_f(dO[base + d]);
-    D[i] = acc;
+// D[b, h, t] = Σ_d dO·o, one warp per row; also zeroes the row of the dq accumulator (fast path).
+template <typename T>
+__global__ void delta_kernel(const Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * (int64_t)kRefWarps + (threadIdx.x >> 5);
+  if (w >= p.B * p.Hq * p.T) return;
+  const int64_t t = w % p.T, h = (w / p.T) % p.Hq, b = w / (p.T * p.Hq);
+  const int64_t base = ((b * p.T + t) * p.Hq + h) * p.hd;
+  const T* o = static_cast<const T*>(p.o) + base;
+  const T* dO = static_cast<const T*>(p.dO) + base;
+  float acc = 0.f;
+  for (int64_t d = lane; d < p.hd; d += 32) acc += to_f(o[d]) * to_f(dO[d]);
+  acc = warp_sum(acc);
+  if (lane == 0) const_cast<float*>(p.D)[w] = acc;
+  if (p.dqacc)
+    for (int64_t d = lane; d < p.hd; d += 32) p.dqacc[base + d] = 0.f;
+}
+
+template <typename T>
+__global__ void ref_dq(const Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * (int64_t)kRefWarps + (threadIdx.x >> 5);
+  if (w >= p.B * p.Hq * p.T) return;
+  const int hd = static_cast<int>(p.hd);
+  const int64_t t = w % p.T, h = (w / p.T) % p.Hq, b = w / (p.T * p.Hq), hk = h / (p.Hq / p.Hkv);
+  const int64_t base = ((b * p.T + t) * p.Hq + h) * p.hd;
+  float qr[kMaxPerLane], dor[kMaxPerLane], acc[kMaxPerLane];
+  load_row(static_cast<const T*>(p.q) + base, hd, lane, qr);
+  load_row(static_cast<const T*>(p.dO) + base, hd, lane, dor);
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) acc[i] = 0.f;
+  const float L = p.lse[w], Dt = p.D[w];
+  if (L != -INFINITY) {
+    const int64_t qpos = p.qOffset + t;
+    const int64_t lo = p.window > 0 ? max((int64_t)0, qpos - p.window + 1) : 0;
+    const int64_t hi = p.causal ? min(p.S, qpos + 1) : p.S;
+    for (int64_t s = lo; s < hi; ++s) {
+      if (p.mask && !p.mask[b * p.sMax + s]) continue;
+      const int64_t kv = ((b * p.sMax + s) * p.Hkv + hk) * p.hd;
+      float kr[kMaxPerLane], vr[kMaxPerLane];
+      load_row(static_cast<const T*>(p.k) + kv, hd, lane, kr);
+      load_row(static_cast<const T*>(p.v) + kv, hd, lane, vr);
+      const float pr = __expf(dot_row(qr, kr) * p.scale - L);
+      const float ds = pr * (dot_row(dor, vr) - Dt);
+#pragma unroll
+      for (int i = 0; i < kMaxPerLane; ++i) acc[i] += ds * kr[i];
+    }
+  }
+  T* dq = static_cast<T*>(p.dq) + base;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < hd) dq[d] = from_f<T>(acc[i] * p.scale);
   }
 }
 
-template <typename T, int HD>
-__global__ void dq_kernel(const T* q, const T* k, const T* v, const float* lse, const T* dO, const float* D, T* dq, Shape sh) {
-  __shared__ float ks[TILE][HD], vs[TILE][HD];
-  const int64_t bh = blockIdx.y, b = bh / sh.Hq, h = bh % sh.Hq, hk = h / (sh.Hq / sh.Hkv);
-  const int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const bool active = t < sh.T;
-  float qr[HD], dor[HD], acc[HD];
-  float L = -INFINITY, Dt = 0.f;
-  if (active) {
-    const int64_t base = ((b * sh.T + t) * sh.Hq + h) * HD;
-    for (int d = 0; d < HD; ++d) {
-      qr[d] = to_f(q[base + d]);
-      dor[d] = to_f(dO[base + d]);
-    }
-    L = lse[(b * sh.Hq + h) * sh.T + t];
-    Dt = D[(b * sh.Hq + h) * sh.T + t];
-  }
-  for (int d = 0; d < HD; ++d) acc[d] = 0.f;
-  for (int64_t s0 = 0; s0 < sh.S; s0 += TILE) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-      const int r = i / HD, d = i % HD;
-      const int64_t s = s0 + r;
-      const bool in = s < sh.S;
-      ks[r][d] = in ? to_f(k[((b * sh.sMax + s) * sh.Hkv + hk) * HD + d]) : 0.f;
-      vs[r][d] = in ? to_f(v[((b * sh.sMax + s) * sh.Hkv + hk) * HD + d]) : 0.f;
-    }
-    __syncthreads();
-    if (!active || L == -INFINITY) continue;
-    for (int r = 0; r < TILE; ++r) {
-      if (!visible(sh, b, t, s0 + r)) continue;
-      float sc = 0.f, dp = 0.f;
-      for (int d = 0; d < HD; ++d) {
-        sc += qr[d] * ks[r][d];
-        dp += dor[d] * vs[r][d];
-      }
-      const float p = __expf(sc * sh.scale - L);
-      const float ds = p * (dp - Dt) * sh.scale;
-      for (int d = 0; d < HD; ++d) acc[d] += ds * ks[r][d];
-    }
-  }
-  if (!active) return;
-  for (int d = 0; d < HD; ++d) dq[((b * sh.T + t) * sh.Hq + h) * HD + d] = from_f<T>(acc[d]);
-}
-
-// One thread per key row of one KV head, over every query of the heads sharing it.
-template <typename T, int HD>
-__global__ void dkdv_kernel(const T* q, const T* k, const T* v, const float* lse, const T* dO, const float* D, T* dk, T* dv,
-                            Shape sh) {
-  __shared__ float qs[TILE][HD], ds_[TILE][HD];
-  __shared__ float Ls[TILE], Ds[TILE];
-  const int64_t bh = blockIdx.y, b = bh / sh.Hkv, hk = bh % sh.Hkv;
-  const int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const bool active = s < sh.S;
-  float kr[HD], vr[HD], dka[HD], dva[HD];
-  if (active) {
-    const int64_t base = ((b * sh.sMax + s) * sh.Hkv + hk) * HD;
-    for (int d = 0; d < HD; ++d) {
-      kr[d] = to_f(k[base + d]);
-      vr[d] = to_f(v[base + d]);
-    }
-  }
-  for (int d = 0; d < HD; ++d) dka[d] = dva[d] = 0.f;
-  const int64_t group = sh.Hq / sh.Hkv;
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    for (int64_t t0 = 0; t0 < sh.T; t0 += TILE) {
-      __syncthreads();
-      for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-        const int r = i / HD, d = i % HD;
-        const int64_t t = t0 + r;
-        const bool in = t < sh.T;
-        qs[r][d] = in ? to_f(q[((b * sh.T + t) * sh.Hq + h) * HD + d]) : 0.f;
-        ds_[r][d] = in ? to_f(dO[((b * sh.T + t) * sh.Hq + h) * HD + d]) : 0.f;
-      }
-      for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
-        const int64_t t = t0 + r;
-        Ls[r] = t < sh.T ? lse[(b * sh.Hq + h) * sh.T + t] : -INFINITY;
-        Ds[r] = t < sh.T ? D[(b * sh.Hq + h) * sh.T + t] : 0.f;
-      }
-      __syncthreads();
-      if (!active) continue;
-      for (int r = 0; r < TILE; ++r) {
-        const int64_t t = t0 + r;
-        if (t >= sh.T || Ls[r] == -INFINITY || !visible(sh, b, t, s)) continue;
-        float sc = 0.f, dp = 0.f;
-        for (int d = 0; d < HD; ++d) {
-          sc += qs[r][d] * kr[d];
-          dp += ds_[r][d] * vr[d];
-        }
-        const float p = __expf(sc * sh.scale - Ls[r]);
-        const float dsc = p * (dp - Ds[r]) * sh.scale;
-        for (int d = 0; d < HD; ++d) {
-          dva[d] += p * ds_[r][d];
-          dka[d] += dsc * qs[r][d];
+// Rows are key rows (b, hk, s) for s < S.
+template <typename T>
+__global__ void ref_dkdv(const Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = blockIdx.x * (int64_t)kRefWarps + (threadIdx.x >> 5);
+  if (w >= p.B * p.Hkv * p.S) return;
+  const int hd = static_cast<int>(p.hd);
+  const int64_t s = w % p.S, hk = (w / p.S) % p.Hkv, b = w / (p.S * p.Hkv);
+  const int64_t kv = ((b * p.sMax + s) * p.Hkv + hk) * p.hd;
+  float kr[kMaxPerLane], vr[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
+  load_row(static_cast<const T*>(p.k) + kv, hd, lane, kr);
+  load_row(static_cast<const T*>(p.v) + kv, hd, lane, vr);
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) dk[i] = dv[i] = 0.f;
+  if (!p.mask || p.mask[b * p.sMax + s]) {
+    const int64_t group = p.Hq / p.Hkv;
+    const int64_t tlo = p.causal ? max((int64_t)0, s - p.qOffset) : 0;
+    const int64_t thi = p.window > 0 ? min(p.T, s + p.window - p.qOffset) : p.T;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t t = tlo; t < thi; ++t) {
+        const int64_t row = (b * p.Hq + h) * p.T + t;
+        const float L = p.lse[row];
+        if (L == -INFINITY) continue;
+        const int64_t base = ((b * p.T + t) * p.Hq + h) * p.hd;
+        float qr[kMaxPerLane], dor[kMaxPerLane];
+        load_row(static_cast<const T*>(p.q) + base, hd, lane, qr);
+        load_row(static_cast<const T*>(p.dO) + base, hd, lane, dor);
+        const float pr = __expf(dot_row(qr, kr) * p.scale - L);
+        const float ds = pr * (dot_row(dor, vr) - p.D[row]);
+#pragma unroll
+        for (int i = 0; i < kMaxPerLane; ++i) {
+          dv[i] += pr * dor[i];
+          dk[i] += ds * qr[i];
         }
       }
     }
   }
-  if (!active) return;
-  const int64_t base = ((b * sh.sMax + s) * sh.Hkv + hk) * HD;
-  for (int d = 0; d < HD; ++d) {
-    dk[base + d] = from_f<T>(dka[d]);
-    dv[base + d] = from_f<T>(dva[d]);
+  T* dko = static_cast<T*>(p.dk) + kv;
+  T* dvo = static_cast<T*>(p.dv) + kv;
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < hd) {
+      dko[d] = from_f<T>(dk[i] * p.scale);
+      dvo[d] = from_f<T>(dv[i]);
+    }
   }
 }
 
-Shape parse(OpCtx& c, size_t maskIndex) {
-  Shape s{};
-  s.B = c.i(1), s.T = c.i(2), s.S = c.i(3), s.Hq = c.i(4), s.Hkv = c.i(5), s.hd = c.i(6);
-  s.scale = static_cast<float>(c.f(7));
-  s.causal = c.i(8) != 0;
-  s.window = c.i(9);
-  s.qOffset = c.i(10);
+// dq = bf16(accumulator), 4 at a time (n is a multiple of 4: hd is).
+__global__ void dq_convert(const float* __restrict acc, bf16* __restrict dq, size_t n4) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(acc)[i];
+    uint2 u;
+    u.x = pack_bf16x2(v.x, v.y);
+    u.y = pack_bf16x2(v.z, v.w);
+    reinterpret_cast<uint2*>(dq)[i] = u;
+  }
+}
+
+// ======================= the ops =======================
+
+Params parse(OpCtx& c, size_t maskIndex) {
+  Params p{};
+  p.B = c.i(1), p.T = c.i(2), p.S = c.i(3), p.Hq = c.i(4), p.Hkv = c.i(5), p.hd = c.i(6);
+  p.scale = static_cast<float>(c.f(7));
+  p.scale_log2 = p.scale * kLog2e;
+  p.causal = c.i(8) != 0;
+  p.window = c.i(9);
+  p.qOffset = c.i(10);
   const bool hasMask = c.i(11) != 0;
-  s.sMax = c.i(12);
-  for (int64_t v : {s.B, s.T, s.S, s.Hq, s.Hkv, s.hd, s.window, s.qOffset, s.sMax}) check(v >= 0, c.name + ": negative size");
-  check(s.Hkv > 0 && s.Hq % s.Hkv == 0, c.name + ": query heads must be a multiple of KV heads");
-  check(s.S <= s.sMax, c.name + ": S exceeds sMax");
-  s.mask = hasMask ? c.need(maskIndex, mul(s.B, s.sMax), 1).as<uint8_t>() : nullptr;
-  return s;
+  p.sMax = c.i(12);
+  for (int64_t v : {p.B, p.T, p.S, p.Hq, p.Hkv, p.hd, p.window, p.qOffset, p.sMax})
+    check(v >= 0, c.name + ": sizes must be non-negative");
+  check(p.Hkv > 0 && p.Hq % p.Hkv == 0, c.name + ": query heads must be a multiple of KV heads");
+  check(p.S <= p.sMax, c.name + ": S exceeds sMax");
+  check(p.hd <= 32 * kMaxPerLane, c.name + ": head size " + std::to_string(p.hd) + " is above 256");
+  p.mask = hasMask ? c.need(maskIndex, mul(p.B, p.sMax), 1).as<uint8_t>() : nullptr;
+  return p;
 }
 
-// Calls f(std::integral_constant<int, HD>) for the head sizes this path is compiled for.
-template <typename F>
-void with_head_dim(int64_t hd, const std::string& name, F&& f) {
-  switch (hd) {
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 16: return f(std::integral_constant<int, 16>{});
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-  }
-  invalid(name + ": head size " + std::to_string(hd) + " is not supported on CUDA (8, 16, 32, 64 or 128)");
+bool reference_forced() {
+  const char* e = std::getenv("MAGIX_ATTENTION");
+  return e && std::strcmp(e, "reference") == 0;
 }
+
+// Raises a kernel's dynamic shared memory limit once per device.
+template <typename K>
+void allow_smem(K kernel, size_t bytes, int device, unsigned long long& done) {
+  if (bytes <= 48 * 1024 || device >= 64 || (done >> device) & 1ull) return;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done |= 1ull << device;
+}
+
+unsigned warp_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRefWarps - 1) / kRefWarps); }
+
+template <int HD>
+void launch_fwd(const Params& p, int dev, cudaStream_t s) {
+  static unsigned long long done = 0;
+  allow_smem(flash_fwd<HD>, FwdCfg<HD>::smem, dev, done);
+  const int64_t blocks = (p.T + FwdCfg<HD>::BM - 1) / FwdCfg<HD>::BM * p.B * p.Hq;
+  flash_fwd<HD><<<static_cast<unsigned>(blocks), FwdCfg<HD>::THREADS, FwdCfg<HD>::smem, s>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <int HD>
+void launch_bwd(const Params& p, int dev, cudaStream_t s) {
+  static unsigned long long done = 0;
+  allow_smem(flash_bwd<HD>, BwdCfg<HD>::smem, dev, done);
+  const int64_t blocks = (p.S + BwdCfg<HD>::BN - 1) / BwdCfg<HD>::BN * p.B * p.Hkv;
+  flash_bwd<HD><<<static_cast<unsigned>(blocks), BwdCfg<HD>::THREADS, BwdCfg<HD>::smem, s>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
+void check_grid(OpCtx& c, int64_t blocks) { check(blocks < 0x7fffffff, c.name + ": problem too large for one launch"); }
 
 void attention_fwd(OpCtx& c) {
-  Shape sh = parse(c, 5);
+  Params p = parse(c, 5);
   cudaStream_t s = op_stream(c);
-  MAGIX_CUDA_DISPATCH(c, to_dtype(c.f(0)), {
-    const size_t qn = mul(sh.B, sh.T, sh.Hq, sh.hd), kn = mul(sh.B, sh.sMax, sh.Hkv, sh.hd);
-    const T* q = c.need(0, qn, sizeof(T)).as<T>();
-    const T* k = c.need(1, kn, sizeof(T)).as<T>();
-    const T* v = c.need(2, kn, sizeof(T)).as<T>();
-    T* o = c.need(3, qn, sizeof(T)).as<T>();
-    float* lse = c.need(4, mul(sh.B, sh.Hq, sh.T), 4).as<float>();
-    if (qn == 0) return;
-    with_head_dim(sh.hd, c.name, [&](auto hdc) {
-      constexpr int HD = decltype(hdc)::value;
-      dim3 grid(static_cast<unsigned>((sh.T + 63) / 64), static_cast<unsigned>(sh.B * sh.Hq));
-      fwd_kernel<T, HD><<<grid, 64, 0, s>>>(q, k, v, o, lse, sh);
+  const int dev = op_device(c);
+  const DType dt = compute_dtype(c);
+  MAGIX_CUDA_DISPATCH(c, dt, {
+    const size_t qn = mul(p.B, p.T, p.Hq, p.hd), kn = mul(p.B, p.sMax, p.Hkv, p.hd);
+    p.q = c.need(0, qn, sizeof(T)).ptr;
+    p.k = c.need(1, kn, sizeof(T)).ptr;
+    p.v = c.need(2, kn, sizeof(T)).ptr;
+    p.out = c.need(3, qn, sizeof(T)).ptr;
+    p.lse = c.need(4, mul(p.B, p.Hq, p.T), 4).as<float>();  // stats: float32
+    if (p.B * p.Hq * p.T == 0) return;
+    const bool fast = sizeof(T) == 2 && (p.hd == 64 || p.hd == 128) && !reference_forced() && aligned16(p.q, p.k, p.v, p.out);
+    if (fast) {
+      check_grid(c, (p.T + 63) / 64 * p.B * p.Hq);
+      if (p.hd == 64) launch_fwd<64>(p, dev, s);
+      else launch_fwd<128>(p, dev, s);
+    } else {
+      check_grid(c, p.B * p.Hq * p.T / kRefWarps + 1);
+      ref_fwd<T><<<warp_blocks(p.B * p.Hq * p.T), 32 * kRefWarps, 0, s>>>(p);
       CUDA_CHECK_LAUNCH();
-    });
+    }
   });
 }
 
 void attention_bwd(OpCtx& c) {
-  Shape sh = parse(c, 9);
+  Params p = parse(c, 9);
   cudaStream_t s = op_stream(c);
-  const int dev = c.buf(0).device;
-  MAGIX_CUDA_DISPATCH(c, to_dtype(c.f(0)), {
-    const size_t qn = mul(sh.B, sh.T, sh.Hq, sh.hd), kn = mul(sh.B, sh.sMax, sh.Hkv, sh.hd);
-    const T* q = c.need(0, qn, sizeof(T)).as<T>();
-    const T* k = c.need(1, kn, sizeof(T)).as<T>();
-    const T* v = c.need(2, kn, sizeof(T)).as<T>();
-    const T* o = c.need(3, qn, sizeof(T)).as<T>();
-    const float* lse = c.need(4, mul(sh.B, sh.Hq, sh.T), 4).as<float>();
-    const T* dO = c.need(5, qn, sizeof(T)).as<T>();
-    T* dq = c.need(6, qn, sizeof(T)).as<T>();
-    T* dk = c.need(7, kn, sizeof(T)).as<T>();
-    T* dv = c.need(8, kn, sizeof(T)).as<T>();
-    if (qn == 0) return;
-    float* D = static_cast<float*>(cuda_backend(c).workspace(dev, mul(sh.B, sh.Hq, sh.T, 4)));
-    with_head_dim(sh.hd, c.name, [&](auto hdc) {
-      constexpr int HD = decltype(hdc)::value;
-      delta_kernel<T, HD><<<grid_for(sh.B * sh.Hq * sh.T), 256, 0, s>>>(o, dO, D, sh);
+  const int dev = op_device(c);
+  const DType dt = compute_dtype(c);
+  MAGIX_CUDA_DISPATCH(c, dt, {
+    const size_t qn = mul(p.B, p.T, p.Hq, p.hd), kn = mul(p.B, p.sMax, p.Hkv, p.hd), rows = mul(p.B, p.Hq, p.T);
+    p.q = c.need(0, qn, sizeof(T)).ptr;
+    p.k = c.need(1, kn, sizeof(T)).ptr;
+    p.v = c.need(2, kn, sizeof(T)).ptr;
+    p.o = c.need(3, qn, sizeof(T)).ptr;
+    p.lse = c.need(4, rows, 4).as<float>();
+    p.dO = c.need(5, qn, sizeof(T)).ptr;
+    p.dq = c.need(6, qn, sizeof(T)).ptr;
+    p.dk = c.need(7, kn, sizeof(T)).ptr;
+    p.dv = c.need(8, kn, sizeof(T)).ptr;
+    const bool fast = sizeof(T) == 2 && (p.hd == 64 || p.hd == 128) && !reference_forced() &&
+                      aligned16(p.q, p.k, p.v, p.o, p.dO, p.dq, p.dk, p.dv);
+    const int64_t keyRows = p.B * p.Hkv * p.S;
+    if (rows == 0) {
+      // No queries: dk and dv (first S rows) are zero.
+      if (keyRows > 0) {
+        for (int64_t b = 0; b < p.B; ++b)
+          for (void* d : {p.dk, p.dv})
+            CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(d) + b * p.sMax * p.Hkv * p.hd * sizeof(T), 0,
+                                       p.S * p.Hkv * p.hd * sizeof(T), s));
+      }
+      return;
+    }
+    ScratchLayout lay;
+    const size_t oD = lay.add(rows * 4);
+    const size_t oAcc = fast ? lay.add(mul(qn, 4)) : 0;
+    char* ws = static_cast<char*>(cuda_backend(c).scratch(dev, lay.total));
+    p.D = reinterpret_cast<float*>(ws + oD);
+    p.dqacc = fast ? reinterpret_cast<float*>(ws + oAcc) : nullptr;
+    check_grid(c, static_cast<int64_t>(rows) / kRefWarps + 1);
+    delta_kernel<T><<<warp_blocks(static_cast<int64_t>(rows)), 32 * kRefWarps, 0, s>>>(p);
+    CUDA_CHECK_LAUNCH();
+    if (fast) {
+      if (p.S > 0) {
+        check_grid(c, (p.S + 63) / 64 * p.B * p.Hkv);
+        if (p.hd == 64) launch_bwd<64>(p, dev, s);
+        else launch_bwd<128>(p, dev, s);
+      }
+      dq_convert<<<grid_for(qn / 4, 256, 8192), 256, 0, s>>>(p.dqacc, static_cast<bf16*>(p.dq), qn / 4);
       CUDA_CHECK_LAUNCH();
-      dq_kernel<T, HD><<<dim3(static_cast<unsigned>((sh.T + 63) / 64), static_cast<unsigned>(sh.B * sh.Hq)), 64, 0, s>>>(
-          q, k, v, lse, dO, D, dq, sh);
+    } else {
+      ref_dq<T><<<warp_blocks(static_cast<int64_t>(rows)), 32 * kRefWarps, 0, s>>>(p);
       CUDA_CHECK_LAUNCH();
-      dkdv_kernel<T, HD><<<dim3(static_cast<unsigned>((sh.S + 63) / 64), static_cast<unsigned>(sh.B * sh.Hkv)), 64, 0, s>>>(
-          q, k, v, lse, dO, D, dk, dv, sh);
-      CUDA_CHECK_LAUNCH();
-    });
+      if (keyRows > 0) {
+        check_grid(c, keyRows / kRefWarps + 1);
+        ref_dkdv<T><<<warp_blocks(keyRows), 32 * kRefWarps, 0, s>>>(p);
+        CUDA_CHECK_LAUNCH();
+      }
+    }
   });
 }
 

@@ -16,7 +16,7 @@ Probe probe() {
   if (e != cudaSuccess) {
     p.devices = 0;
     p.error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
-    cudaGetLastError();  // clear the sticky-free error so later probes start clean
+    cudaGetLastError();  // clear the error so later probes start clean
     return p;
   }
   for (int d = 0; d < p.devices; ++d) {
@@ -36,10 +36,14 @@ CudaBackend::CudaBackend(int devices) : Backend("cuda", devices) {
     cudaEvent_t ev;
     CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     events_.push_back(ev);
+    int sms = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d));
+    sms_.push_back(sms);
     allocators_.push_back(std::make_unique<CachingAllocator>(d));
-    workspace_.push_back(nullptr);
-    workspace_size_.push_back(0);
+    scratch_.push_back(nullptr);
+    scratch_size_.push_back(0);
     lt_.push_back(nullptr);
+    lt_ws_.push_back(nullptr);
   }
 }
 
@@ -48,58 +52,58 @@ CudaBackend::~CudaBackend() {
     cudaSetDevice(d);
     cudaStreamSynchronize(streams_[d]);
   }
-  for (auto& [id, group] : comms_)
-    for (auto& [dev, comm] : group) nccl().CommDestroy(comm);
+  if (nccl().loaded)
+    for (auto& [id, c] : comms_)
+      for (ncclComm_t comm : c.comms) nccl().CommDestroy(comm);
+  comms_.clear();
   free_all();
+  for (auto& [key, ev] : timing_) {
+    cudaSetDevice(key.first);
+    cudaEventDestroy(ev);
+  }
   for (int d = 0; d < static_cast<int>(streams_.size()); ++d) {
     cudaSetDevice(d);
-    if (workspace_[d]) cudaFree(workspace_[d]);
     if (lt_[d]) cublaslt().Destroy(lt_[d]);
-    allocators_[d].reset();
+    allocators_[d].reset();  // frees the scratch, the cuBLASLt workspace and every cached block
     cudaEventDestroy(events_[d]);
     cudaStreamDestroy(streams_[d]);
   }
 }
 
-void* CudaBackend::raw_alloc(int device, size_t bytes) {
-  // nullptr is reported as OUT_OF_MEMORY with the free bytes and largest blocks by Backend::alloc.
-  return allocators_[device]->allocate(bytes);
+void* CudaBackend::allocate(int device, size_t bytes, const char* what, const char* context, bool drop_scratch) {
+  CachingAllocator& a = *allocators_[device];
+  if (void* p = a.try_allocate(bytes, what)) return p;
+  // Between ops nothing holds the scratch block: give it back too, and try once more.
+  if (drop_scratch && scratch_[device]) {
+    a.release(scratch_[device]);
+    scratch_[device] = nullptr;
+    scratch_size_[device] = 0;
+    a.empty_cache();
+    if (void* p = a.try_allocate(bytes, what)) return p;
+  }
+  a.throw_out_of_memory(bytes, context);
 }
+
+void* CudaBackend::raw_alloc(int device, size_t bytes) { return allocate(device, bytes, "buffer", "for a buffer", true); }
 
 void CudaBackend::raw_free(int device, void* ptr, size_t bytes) {
-  // No synchronisation: queued work that still reads the block runs before any later reuse.
-  allocators_[device]->release(ptr, bytes);
+  (void)bytes;
+  // No synchronisation: work already queued that reads the block runs before any later reuse.
+  allocators_[device]->release(ptr);
 }
 
-void* CudaBackend::workspace(int device, size_t bytes) {
+void* CudaBackend::scratch(int device, size_t bytes) {
   check_device(device);
-  if (workspace_size_[device] >= bytes) return workspace_[device];
-  CUDA_CHECK(cudaSetDevice(device));
-  // The old workspace may still be in use by queued ops: wait before handing it back.
-  CUDA_CHECK(cudaStreamSynchronize(streams_[device]));
-  if (workspace_[device]) CUDA_CHECK(cudaFree(workspace_[device]));
-  workspace_[device] = nullptr;
-  workspace_size_[device] = 0;
-  const size_t size = std::max<size_t>(bytes, 64u << 20);
-  void* p = nullptr;
-  cudaError_t e = cudaMalloc(&p, size);
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    allocators_[device]->empty_cache();
-    e = cudaMalloc(&p, size);
-  }
-  if (e == cudaErrorMemoryAllocation) {
-    cudaGetLastError();
-    throw MagixError("OUT_OF_MEMORY", "device " + std::to_string(device) + ": out of memory for an op's workspace")
-        .with("device", device)
-        .with("requested", static_cast<double>(size))
-        .with("free", static_cast<double>(device_free(device)))
-        .with("inUse", static_cast<double>(stats(device).in_use))
-        .with("capacity", 0);
-  }
-  if (e != cudaSuccess) throw_cuda(e, "cudaMalloc", __FILE__, __LINE__);
-  workspace_[device] = p;
-  workspace_size_[device] = size;
+  if (bytes <= scratch_size_[device] && scratch_[device]) return scratch_[device];
+  if (scratch_[device]) allocators_[device]->release(scratch_[device]);
+  scratch_[device] = nullptr;
+  scratch_size_[device] = 0;
+  const size_t size = CachingAllocator::round(std::max<size_t>(bytes, 1));
+  CachingAllocator& a = *allocators_[device];
+  void* p = a.try_allocate(size, "op scratch");
+  if (!p) a.throw_out_of_memory(size, "for an op's scratch memory");
+  scratch_[device] = p;
+  scratch_size_[device] = size;
   return p;
 }
 
@@ -107,51 +111,95 @@ cublasLtHandle_t CudaBackend::lt(int device) {
   check_device(device);
   if (!lt_[device]) {
     const CublasLt& L = cublaslt();
-    if (!L.loaded) throw MagixError("CUBLAS_ERROR", "cuBLASLt could not be loaded: " + L.error).with("library", "cublasLt");
+    if (!L.loaded)
+      throw MagixError("CUBLAS_ERROR", "cuBLASLt could not be loaded: " + L.error)
+          .with("library", "cublasLt")
+          .with("status", 1)
+          .with("name", "CUBLAS_STATUS_NOT_INITIALIZED");
     CUDA_CHECK(cudaSetDevice(device));
+    if (!lt_ws_[device]) lt_ws_[device] = allocate(device, kLtWorkspace, "cuBLASLt workspace", "for the cuBLASLt workspace", false);
     cublasLtHandle_t h = nullptr;
-    const int st = L.Create(&h);
-    if (st != 0) throw MagixError("CUBLAS_ERROR", "cublasLtCreate failed").with("library", "cublasLt").with("status", st);
+    CUBLAS_CHECK(L.Create(&h));
     lt_[device] = h;
   }
   return lt_[device];
 }
 
+void* CudaBackend::lt_workspace(int device) {
+  lt(device);
+  return lt_ws_[device];
+}
+
 int CudaBackend::create_communicator(const std::vector<int>& devices) {
   const Nccl& N = nccl();
-  if (!N.loaded) throw MagixError("NCCL_ERROR", "NCCL could not be loaded: " + N.error).with("library", "nccl");
-  for (int d : devices) check_device(d);
-  // NVLink multicast stays off: it can take a shared machine's GPUs out of service.
+  if (!N.loaded)
+    throw MagixError("NCCL_ERROR", "NCCL could not be loaded: " + N.error).with("library", "nccl").with("status", 3);
+  check(!devices.empty(), "createCommunicator: no devices");
+  for (size_t i = 0; i < devices.size(); ++i) {
+    check_device(devices[i]);
+    for (size_t j = 0; j < i; ++j)
+      check(devices[i] != devices[j], "createCommunicator: device " + std::to_string(devices[i]) + " appears twice");
+  }
+  // NVLink multicast stays off (nccl() set it at load; this keeps it for a late first load).
   setenv("NCCL_NVLS_ENABLE", "0", 0);
-  std::vector<ncclComm_t> comms(devices.size());
-  const int st = N.CommInitAll(comms.data(), static_cast<int>(devices.size()), devices.data());
-  if (st != 0)
-    throw MagixError("NCCL_ERROR", std::string("ncclCommInitAll failed: ") + N.GetErrorString(st))
-        .with("library", "nccl")
-        .with("status", st);
+  Comm c;
+  c.devices = devices;
+  c.comms.assign(devices.size(), nullptr);
+  NCCL_CHECK(N.CommInitAll(c.comms.data(), static_cast<int>(devices.size()), devices.data()));
   const int id = next_comm_++;
-  for (size_t i = 0; i < devices.size(); ++i) comms_[id][devices[i]] = comms[i];
+  comms_[id] = std::move(c);
   return id;
 }
 
 void CudaBackend::destroy_communicator(int id) {
   auto it = comms_.find(id);
   if (it == comms_.end()) return;
-  for (auto& [dev, comm] : it->second) nccl().CommDestroy(comm);
+  // Collectives already queued on the streams finish first.
+  for (int d : it->second.devices) {
+    CUDA_CHECK(cudaSetDevice(d));
+    CUDA_CHECK(cudaStreamSynchronize(streams_[d]));
+  }
+  for (ncclComm_t comm : it->second.comms) NCCL_CHECK(nccl().CommDestroy(comm));
+  for (auto a = auto_comms_.begin(); a != auto_comms_.end();) a = a->second == id ? auto_comms_.erase(a) : std::next(a);
   comms_.erase(it);
 }
 
-ncclComm_t CudaBackend::communicator(int id, int device) const {
+const std::vector<ncclComm_t>& CudaBackend::communicators(int id, const std::vector<int>& devices) {
+  if (id == 0) {
+    auto a = auto_comms_.find(devices);
+    if (a == auto_comms_.end()) a = auto_comms_.emplace(devices, create_communicator(devices)).first;
+    id = a->second;
+  }
   auto it = comms_.find(id);
-  if (it == comms_.end()) invalid("no NCCL communicator " + std::to_string(id));
-  auto jt = it->second.find(device);
-  if (jt == it->second.end()) invalid("communicator " + std::to_string(id) + " has no rank on device " + std::to_string(device));
-  return jt->second;
+  if (it == comms_.end()) invalid("no NCCL communicator " + std::to_string(id) + " (createCommunicator makes them)");
+  if (it->second.devices != devices) {
+    std::string want, have;
+    for (int d : it->second.devices) have += (have.empty() ? "" : ",") + std::to_string(d);
+    for (int d : devices) want += (want.empty() ? "" : ",") + std::to_string(d);
+    invalid("communicator " + std::to_string(id) + " spans devices [" + have + "] in rank order, the buffers are on [" +
+            want + "]");
+  }
+  return it->second.comms;
+}
+
+cudaEvent_t CudaBackend::timing_event(int device, int slot) {
+  check_device(device);
+  auto key = std::make_pair(device, slot);
+  auto it = timing_.find(key);
+  if (it != timing_.end()) return it->second;
+  CUDA_CHECK(cudaSetDevice(device));
+  cudaEvent_t ev;
+  CUDA_CHECK(cudaEventCreate(&ev));
+  timing_[key] = ev;
+  return ev;
 }
 
 size_t CudaBackend::device_free(int device) const {
   size_t free = 0, total = 0;
-  if (cudaSetDevice(device) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess) return 0;
+  if (cudaSetDevice(device) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   return free;
 }
 

@@ -27,8 +27,9 @@ struct Probe {
 };
 Probe probe();
 
-// One backend device per GPU, each with its own ordered stream, caching allocator, cuBLASLt handle
-// and scratch workspace. Host calls return once work is enqueued; read() waits for the stream.
+// One backend device per GPU, each with its own ordered stream, caching allocator (allocator.h),
+// op scratch memory, cuBLASLt handle and workspace. Host calls return once work is enqueued;
+// read() waits for the stream. Ops never synchronise the host.
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int devices);
@@ -38,17 +39,33 @@ class CudaBackend final : public Backend {
   void copy(const BufRef& dst, size_t dst_off, const BufRef& src, size_t src_off, size_t n) override;
   void synchronize(int device) override;
   cudaStream_t stream(int device) const { return streams_[device]; }
+  int multiprocessors(int device) const { return sms_[device]; }
 
-  // Scratch memory for one op's temporaries on `device`, valid until the next call on that
-  // device (ops on one stream run in order). Grows, never shrinks.
-  void* workspace(int device, size_t bytes);
+  // Scratch memory for one op's temporaries on `device` (256-byte aligned), valid until the next
+  // op on that device calls scratch() again: ops run in stream order, so the next op's kernels
+  // start after this op's kernels are done with it. Grow-only: a larger request returns the old
+  // block to the cache (stream order makes that safe too). An op calls it once and carves its
+  // regions out of the block (ScratchLayout). Not for the cuBLASLt workspace, which is separate.
+  // A captured CUDA graph bakes in the block's address: capture after a warm-up step has grown
+  // the scratch (and made the cuBLASLt handle) so nothing is reallocated afterwards.
+  void* scratch(int device, size_t bytes);
+
+  // The cuBLASLt handle of `device` and its workspace (kLtWorkspace bytes), made on first use.
   cublasLtHandle_t lt(int device);
+  void* lt_workspace(int device);
+  static constexpr size_t kLtWorkspace = size_t{32} << 20;
 
-  // NCCL communicators over groups of this process's GPUs: ids are > 0.
+  // NCCL communicators over groups of this process's GPUs (ncclCommInitAll, rank i on devices[i]);
+  // ids are > 0. destroy_communicator of an unknown id is a no-op.
   int create_communicator(const std::vector<int>& devices);
   void destroy_communicator(int id);
-  // The communicator of `device` in group `id`.
-  ncclComm_t communicator(int id, int device) const;
+  // The communicators of `devices` (in rank order) for collective ops: `id` must have been made
+  // for exactly these devices in this order; id 0 makes one on first use for this device list and
+  // keeps it until the backend is disposed.
+  const std::vector<ncclComm_t>& communicators(int id, const std::vector<int>& devices);
+
+  // Events for timing (the event_record / event_elapsed ops), made on first use.
+  cudaEvent_t timing_event(int device, int slot);
 
  protected:
   void* raw_alloc(int device, size_t bytes) override;
@@ -56,14 +73,36 @@ class CudaBackend final : public Backend {
   size_t device_free(int device) const override;
 
  private:
+  // Allocates through the cache; on failure (between ops only: drop_scratch) drops the op
+  // scratch, empties the cache, retries, then throws OUT_OF_MEMORY.
+  void* allocate(int device, size_t bytes, const char* what, const char* context, bool drop_scratch);
+
+  struct Comm {
+    std::vector<int> devices;
+    std::vector<ncclComm_t> comms;
+  };
   std::vector<cudaStream_t> streams_;
   std::vector<cudaEvent_t> events_;
+  std::vector<int> sms_;
   std::vector<std::unique_ptr<CachingAllocator>> allocators_;
-  std::vector<void*> workspace_;
-  std::vector<size_t> workspace_size_;
+  std::vector<void*> scratch_;
+  std::vector<size_t> scratch_size_;
   std::vector<cublasLtHandle_t> lt_;
-  std::map<int, std::map<int, ncclComm_t>> comms_;
+  std::vector<void*> lt_ws_;
+  std::map<int, Comm> comms_;
+  std::map<std::vector<int>, int> auto_comms_;
+  std::map<std::pair<int, int>, cudaEvent_t> timing_;
   int next_comm_ = 1;
+};
+
+// Offsets of consecutive regions inside one scratch block, each aligned to 256 bytes.
+struct ScratchLayout {
+  size_t total = 0;
+  size_t add(size_t bytes) {
+    const size_t at = total;
+    total += (bytes + 255) / 256 * 256;
+    return at;
+  }
 };
 
 }  // namespace magix::cuda

@@ -1,5 +1,6 @@
-// Matrix products through cuBLASLt, row-major: C = alpha·op(A)·op(B) + beta·C, bf16 or float32
-// inputs with float32 accumulation (exact float32 for float32 inputs: no TF32).
+// Matrix products through cuBLASLt for the ops (matmul.cu holds the implementation and the op):
+// row-major C = alpha·op(A)·op(B) + beta·C over a strided batch, bf16 or float32 inputs with
+// float32 accumulation (exact float32 for float32 inputs: no TF32), C in bf16 or float32.
 #pragma once
 #include <cstdint>
 
@@ -12,7 +13,7 @@ struct GemmArgs {
   int64_t batch = 1, M = 0, N = 0, K = 0;
   bool transA = false, transB = false;
   float alpha = 1, beta = 0;
-  const void* A = nullptr;
+  const void* A = nullptr;  // already offset to the first element
   int64_t lda = 0, strideA = 0;
   const void* B = nullptr;
   int64_t ldb = 0, strideB = 0;
@@ -22,6 +23,8 @@ struct GemmArgs {
   DType c = DType::F32;   // dtype of C
 };
 
+// Enqueues the product on `device`'s stream (no host synchronisation). The caller has checked
+// the bounds. K = 0 scales C by beta; a strideC of 0 with batch > 1 runs the batch in order.
 void gemm(CudaBackend& backend, int device, const GemmArgs& g);
 
 }  // namespace magix::cuda

@@ -2,6 +2,8 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
+
 namespace magix::cuda {
 namespace {
 
@@ -55,6 +57,7 @@ const CublasLt& cublaslt() {
 const Nccl& nccl() {
   static Nccl nc = [] {
     Nccl n;
+    setenv("NCCL_NVLS_ENABLE", "0", 0);  // before NCCL reads its environment
     void* h = open_first({"libnccl.so.2", "libnccl.so"}, n.error);
     if (!h) return n;
     bool ok = true;

@@ -10,6 +10,29 @@
 namespace magix::cuda {
 
 // ---- cuBLASLt (the subset of cublasLt.h we call; values from the CUDA 13 headers) ----
+// library_types.h, cudaDataType_t
+constexpr int CUDA_R_32F = 0;    // float
+constexpr int CUDA_R_16BF = 14;  // __nv_bfloat16
+// cublas_api.h, cublasComputeType_t
+constexpr int CUBLAS_COMPUTE_32F = 68;  // float32 accumulation; float32 inputs stay exact (no TF32)
+// cublas_api.h, cublasOperation_t
+constexpr int CUBLAS_OP_N = 0;
+constexpr int CUBLAS_OP_T = 1;
+// cublasLt.h, cublasLtMatmulDescAttributes_t (int32_t cublasOperation_t values)
+constexpr int CUBLASLT_MATMUL_DESC_TRANSA = 3;
+constexpr int CUBLASLT_MATMUL_DESC_TRANSB = 4;
+// cublasLt.h, cublasLtMatrixLayoutAttribute_t
+constexpr int CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT = 5;           // int32_t
+constexpr int CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET = 6;  // int64_t, in elements
+// cublasLt.h, cublasLtMatmulPreferenceAttributes_t
+constexpr int CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1;    // uint64_t
+constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5;  // uint32_t, default 256
+constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6;
+constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7;
+constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8;
+// cublas_api.h, cublasStatus_t
+constexpr int CUBLAS_STATUS_NOT_SUPPORTED = 15;
+
 using cublasStatus_t = int;
 using cublasLtHandle_t = struct cublasLtContext*;
 using cublasLtMatmulDesc_t = struct cublasLtMatmulDescOpaque_t*;
@@ -53,6 +76,15 @@ struct CublasLt {
 };
 
 // ---- NCCL (the subset of nccl.h we call) ----
+// nccl.h, ncclDataType_t
+constexpr int ncclInt8 = 0;
+constexpr int ncclFloat32 = 7;
+constexpr int ncclFloat64 = 8;
+constexpr int ncclBfloat16 = 9;
+// nccl.h, ncclRedOp_t
+constexpr int ncclSum = 0;
+constexpr int ncclMax = 2;
+
 using ncclResult_t = int;
 using ncclComm_t = struct ncclComm*;
 struct ncclUniqueId { char internal[128]; };
@@ -75,7 +107,9 @@ struct Nccl {
   const char* (*GetErrorString)(ncclResult_t) = nullptr;
 };
 
-// Opened once, on first use; `loaded` false with `error` saying what was missing.
+// Opened once, on first use; `loaded` false with `error` saying what was missing. Opening NCCL
+// first sets NCCL_NVLS_ENABLE=0 unless the environment already says otherwise: NVLink multicast
+// can take a shared machine's GPUs out of service.
 const CublasLt& cublaslt();
 const Nccl& nccl();
 

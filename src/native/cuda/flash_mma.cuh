@@ -1,0 +1,498 @@
+// The tensor-core path of attention (attention.cu holds the contract and the dispatch):
+// FlashAttention-2 for bfloat16 with head size 64 or 128, mma.sync m16n8k16 (bf16 → float32)
+// through inline PTX, operands from shared memory through ldmatrix, tiles staged by cp.async.
+//
+// The warp-level primitives (cp.async, ldmatrix, mma, shuffles, barriers, atomics) are the only
+// device-specific code. Built with MAGIX_FLASH_EMULATE, the including file supplies host versions
+// of them instead (a SIMT emulator with one host thread per CUDA thread), so these exact kernels
+// can be checked against a float64 reference on a machine without a GPU.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#ifndef MAGIX_FLASH_EMULATE
+#include <cuda_runtime.h>
+#define FLASH_DEVICE __device__ __forceinline__
+#define FLASH_KERNEL __global__ void __launch_bounds__(128)
+#define FLASH_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace magix::cuda::flash {
+
+using bf16 = __nv_bfloat16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Everything an attention kernel reads: pointers (by role; unused ones null) and the shape.
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
+  void* out;  // o (forward)
+  float* lse;
+  const uint8_t* mask;
+  const void* dO;
+  const float* D;
+  float* dqacc;
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t B, T, S, Hq, Hkv, hd, sMax, window, qOffset;
+  int causal;
+  float scale, scale_log2;
+};
+
+#ifndef MAGIX_FLASH_EMULATE
+FLASH_DEVICE uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// 16 bytes global → shared, asynchronously; `valid` false writes zeros and reads nothing.
+FLASH_DEVICE void cp_async16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+}
+FLASH_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+FLASH_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Four 8×8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, whose fragment
+// (row lane/4, columns 2·(lane%4) and +1; with .trans rows 2·(lane%4) and +1 of column lane/4)
+// lands in r[i], the lower index in the low half.
+FLASH_DEVICE void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+FLASH_DEVICE void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a·b for a 16×16 bf16 A (row), a 16×8 bf16 B (col), float32 C/D. Fragments (g = lane/4,
+// q = lane%4): A a0 (g, 2q..2q+1), a1 (g+8, 2q..), a2 (g, 8+2q..), a3 (g+8, 8+2q..); B b0 (k 2q..2q+1,
+// n g), b1 (k 8+2q.., n g); C c0, c1 (g, 2q..2q+1), c2, c3 (g+8, 2q..2q+1).
+FLASH_DEVICE void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+FLASH_DEVICE float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+FLASH_DEVICE void sync_block() { __syncthreads(); }
+FLASH_DEVICE void atomic_add2(float* p, float a, float b) { atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b)); }
+FLASH_DEVICE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+FLASH_DEVICE int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
+#endif
+
+// Two floats as one bf16x2 word, `lo` in the low half (the lower index), as mma expects.
+FLASH_DEVICE uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The A fragments of a 16×16 block (k columns c0..c0+15) from float32 C fragments of two n-tiles.
+FLASH_DEVICE void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2(lo[0], lo[1]);
+  a[1] = pack2(lo[2], lo[3]);
+  a[2] = pack2(hi[0], hi[1]);
+  a[3] = pack2(hi[2], hi[3]);
+}
+
+template <int HD>
+struct FwdCfg {
+  static constexpr int BM = 64, BN = 64, LD = HD + 8, THREADS = 128;
+  static constexpr size_t smem = sizeof(bf16) * (BM + 4 * BN) * LD + 2 * BN;
+};
+
+template <int HD>
+FLASH_KERNEL flash_fwd(const Params p) {
+  using C = FwdCfg<HD>;
+  constexpr int BM = C::BM, BN = C::BN, LD = C::LD, CH = HD / 8, KC = HD / 16, NT = BN / 8, DT = HD / 8;
+  FLASH_SMEM(smem);
+  bf16* Qs = reinterpret_cast<bf16*>(smem);
+  bf16* Ks = Qs + BM * LD;      // [2][BN][LD]
+  bf16* Vs = Ks + 2 * BN * LD;  // [2][BN][LD]
+  uint8_t* Ms = reinterpret_cast<uint8_t*>(Vs + 2 * BN * LD);  // [2][BN]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t BH = p.B * p.Hq, ntq = (p.T + BM - 1) / BM;
+  const int64_t qtile = ntq - 1 - static_cast<int64_t>(blockIdx.x) / BH;  // the longest (causal) tiles first
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) % BH, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int64_t t0 = qtile * BM, tend = lmin(p.T, t0 + BM);
+  const int64_t qstride = p.Hq * HD, kstride = p.Hkv * HD;
+  const bf16* qbase = static_cast<const bf16*>(p.q) + ((b * p.T) * p.Hq + h) * HD;
+  const bf16* kbase = static_cast<const bf16*>(p.k) + ((b * p.sMax) * p.Hkv + hk) * HD;
+  const bf16* vbase = static_cast<const bf16*>(p.v) + ((b * p.sMax) * p.Hkv + hk) * HD;
+  bf16* obase = static_cast<bf16*>(p.out) + ((b * p.T) * p.Hq + h) * HD;
+  float* lsebase = p.lse + (b * p.Hq + h) * p.T;
+
+  // The keys any query of this tile may see.
+  int64_t klo = 0, khi = p.S;
+  if (p.causal) khi = lmin(khi, p.qOffset + tend);
+  if (p.window > 0) klo = lmax(int64_t{0}, p.qOffset + t0 - p.window + 1);
+  const int ntiles = klo < khi ? static_cast<int>((khi - klo + BN - 1) / BN) : 0;
+  if (ntiles == 0) {
+    for (int i = tid; i < (tend - t0) * (HD / 2); i += C::THREADS) {
+      const int r = i / (HD / 2), d = (i % (HD / 2)) * 2;
+      *reinterpret_cast<uint32_t*>(obase + (t0 + r) * qstride + d) = 0u;
+    }
+    for (int i = tid; i < tend - t0; i += C::THREADS) lsebase[t0 + i] = -INFINITY;
+    return;
+  }
+
+  for (int i = tid; i < BM * CH; i += C::THREADS) {
+    const int r = i / CH, cc = (i % CH) * 8;
+    const int64_t t = t0 + r;
+    cp_async16(Qs + r * LD + cc, qbase + (t < p.T ? t : 0) * qstride + cc, t < p.T);
+  }
+  auto load_kv = [&](int stage, int64_t s0) {
+    bf16* kd = Ks + stage * BN * LD;
+    bf16* vd = Vs + stage * BN * LD;
+    for (int i = tid; i < BN * CH; i += C::THREADS) {
+      const int r = i / CH, cc = (i % CH) * 8;
+      const int64_t s = s0 + r;
+      const bool ok = s < p.S;
+      const int64_t off = (ok ? s : 0) * kstride + cc;
+      cp_async16(kd + r * LD + cc, kbase + off, ok);
+      cp_async16(vd + r * LD + cc, vbase + off, ok);
+    }
+    if (p.mask)
+      for (int i = tid; i < BN; i += C::THREADS) {
+        const int64_t s = s0 + i;
+        Ms[stage * BN + i] = s < p.S ? p.mask[b * p.sMax + s] : 0;
+      }
+  };
+  load_kv(0, klo);
+  cp_async_commit();
+
+  float o[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  uint32_t qf[KC][4];
+
+  for (int j = 0; j < ntiles; ++j) {
+    cp_async_wait_all();
+    sync_block();  // tile j has landed; everyone is done with tile j − 1's buffers
+    if (j == 0) {
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) ldsm_x4(qf[kc], Qs + (warp * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+    }
+    if (j + 1 < ntiles) load_kv((j + 1) & 1, klo + static_cast<int64_t>(j + 1) * BN);
+    cp_async_commit();
+    const int64_t s0 = klo + static_cast<int64_t>(j) * BN;
+    const bf16* Kt = Ks + (j & 1) * BN * LD;
+    const bf16* Vt = Vs + (j & 1) * BN * LD;
+    const uint8_t* Mt = Ms + (j & 1) * BN;
+
+    // S = Q·Kᵀ: 16 rows × 64 keys per warp.
+    float sacc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, Kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kc * 16 + ((lane >> 3) & 1) * 8);
+        mma16816(sacc[2 * np], qf[kc], bb[0], bb[1]);
+        mma16816(sacc[2 * np + 1], qf[kc], bb[2], bb[3]);
+      }
+    }
+    // Scale into base 2; hide what the row may not see (only tiles that cut something).
+    const bool full = !p.mask && s0 + BN <= p.S && (!p.causal || s0 + BN - 1 <= p.qOffset + t0) &&
+                      (p.window == 0 || p.qOffset + t0 + BM - 1 - s0 < p.window);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = sacc[nt][e] * p.scale_log2;
+        if (!full) {
+          const int row = warp * 16 + g + (e >= 2 ? 8 : 0), col = nt * 8 + 2 * tq + (e & 1);
+          const int64_t qpos = p.qOffset + t0 + row, s = s0 + col;
+          const bool vis = s < p.S && (!p.mask || Mt[col]) && (!p.causal || s <= qpos) && (p.window == 0 || qpos - s < p.window);
+          if (!vis) x = -INFINITY;
+        }
+        sacc[nt][e] = x;
+      }
+    }
+    // Online softmax for the thread's two rows (g and g + 8); a row lives on the 4 threads of a quad.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]));
+      mx = fmaxf(mx, shfl_xor(mx, 1));
+      mx = fmaxf(mx, shfl_xor(mx, 2));
+      const float mnew = fmaxf(mrow[r], mx);
+      const float muse = mnew == -INFINITY ? 0.f : mnew;  // a row with nothing visible yet stays at 0
+      const float corr = exp2f(mrow[r] - muse);
+      mrow[r] = mnew;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float p0 = exp2f(sacc[nt][2 * r] - muse), p1 = exp2f(sacc[nt][2 * r + 1] - muse);
+        sacc[nt][2 * r] = p0;
+        sacc[nt][2 * r + 1] = p1;
+        sum += p0 + p1;
+      }
+      lrow[r] = lrow[r] * corr + sum;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * r] *= corr;
+        o[dt][2 * r + 1] *= corr;
+      }
+    }
+    // O += P·V
+#pragma unroll
+    for (int kc = 0; kc < BN / 16; ++kc) {
+      uint32_t a[4];
+      c_to_a(a, sacc[2 * kc], sacc[2 * kc + 1]);
+#pragma unroll
+      for (int dp = 0; dp < HD / 16; ++dp) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, Vt + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+        mma16816(o[2 * dp], a, bb[0], bb[1]);
+        mma16816(o[2 * dp + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = lrow[r];
+    l += shfl_xor(l, 1);
+    l += shfl_xor(l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int64_t t = t0 + warp * 16 + g + r * 8;
+    if (t < p.T) {
+      bf16* orow = obase + t * qstride;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tq) = pack2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+      if (tq == 0) lsebase[t] = l > 0.f ? (mrow[r] + log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <int HD>
+struct BwdCfg {
+  static constexpr int BN = 64;                   // keys per block: 16 per warp
+  static constexpr int BM = HD == 128 ? 32 : 64;  // queries per step
+  static constexpr int LD = HD + 8, LDS = BM + 8, THREADS = 128;
+  static constexpr int DQC = HD * BM / 64;  // dQ columns per warp: 4 warps tile BM × HD
+  static constexpr size_t smem =
+      sizeof(bf16) * ((2 * BN + 4 * BM) * LD + BN * LDS) + sizeof(float) * 4 * BM + BN;
+};
+
+template <int HD>
+FLASH_KERNEL flash_bwd(const Params p) {
+  using C = BwdCfg<HD>;
+  constexpr int BN = C::BN, BM = C::BM, LD = C::LD, LDS = C::LDS, CH = HD / 8, KC = HD / 16, NQ = BM / 8, DT = HD / 8;
+  constexpr int DQC = C::DQC, RB = BM / 16;
+  FLASH_SMEM(smem);
+  bf16* Ks = reinterpret_cast<bf16*>(smem);
+  bf16* Vs = Ks + BN * LD;
+  bf16* Qs = Vs + BN * LD;       // [2][BM][LD]
+  bf16* dOs = Qs + 2 * BM * LD;  // [2][BM][LD]
+  bf16* dSs = dOs + 2 * BM * LD; // [BN][LDS]: dSᵀ, key rows
+  float* Ls = reinterpret_cast<float*>(dSs + BN * LDS);  // [2][BM]: lse·log2e, +∞ for rows that see nothing
+  float* Ds = Ls + 2 * BM;                               // [2][BM]
+  uint8_t* Mk = reinterpret_cast<uint8_t*>(Ds + 2 * BM); // [BN]: key s < S and not masked
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t BHk = p.B * p.Hkv;
+  const int64_t ktile = static_cast<int64_t>(blockIdx.x) / BHk;  // causal: the first key tiles see the most queries
+  const int64_t bhk = static_cast<int64_t>(blockIdx.x) % BHk, b = bhk / p.Hkv, hk = bhk % p.Hkv;
+  const int64_t s0 = ktile * BN;
+  const int64_t qstride = p.Hq * HD, kstride = p.Hkv * HD, group = p.Hq / p.Hkv;
+  const bf16* kbase = static_cast<const bf16*>(p.k) + ((b * p.sMax) * p.Hkv + hk) * HD;
+  const bf16* vbase = static_cast<const bf16*>(p.v) + ((b * p.sMax) * p.Hkv + hk) * HD;
+
+  // The queries that may see some key of this tile.
+  int64_t tlo = p.causal ? lmax(int64_t{0}, s0 - p.qOffset) : 0;
+  int64_t thi = p.T;
+  if (p.window > 0) thi = lmin(thi, lmax(int64_t{0}, s0 + BN - 1 + p.window - p.qOffset));
+  const int64_t nq = tlo < thi ? (thi - tlo + BM - 1) / BM : 0;
+  const int64_t steps = nq * group;
+
+  for (int i = tid; i < BN * CH; i += C::THREADS) {
+    const int r = i / CH, cc = (i % CH) * 8;
+    const int64_t s = s0 + r;
+    const bool ok = s < p.S;
+    const int64_t off = (ok ? s : 0) * kstride + cc;
+    cp_async16(Ks + r * LD + cc, kbase + off, ok);
+    cp_async16(Vs + r * LD + cc, vbase + off, ok);
+  }
+  for (int i = tid; i < BN; i += C::THREADS) {
+    const int64_t s = s0 + i;
+    Mk[i] = s < p.S && (!p.mask || p.mask[b * p.sMax + s]) ? 1 : 0;
+  }
+  auto load_q = [&](int stage, int64_t step) {
+    const int64_t h = hk * group + step / nq, q0 = tlo + (step % nq) * BM;
+    const bf16* qb = static_cast<const bf16*>(p.q) + ((b * p.T) * p.Hq + h) * HD;
+    const bf16* db = static_cast<const bf16*>(p.dO) + ((b * p.T) * p.Hq + h) * HD;
+    for (int i = tid; i < BM * CH; i += C::THREADS) {
+      const int r = i / CH, cc = (i % CH) * 8;
+      const int64_t t = q0 + r;
+      const bool ok = t < p.T;
+      const int64_t off = (ok ? t : 0) * qstride + cc;
+      cp_async16(Qs + stage * BM * LD + r * LD + cc, qb + off, ok);
+      cp_async16(dOs + stage * BM * LD + r * LD + cc, db + off, ok);
+    }
+    for (int i = tid; i < BM; i += C::THREADS) {
+      const int64_t t = q0 + i;
+      float L = INFINITY, Dv = 0.f;
+      if (t < p.T) {
+        const int64_t row = (b * p.Hq + h) * p.T + t;
+        const float l = p.lse[row];
+        L = l == -INFINITY ? INFINITY : l * kLog2e;
+        Dv = p.D[row];
+      }
+      Ls[stage * BM + i] = L;
+      Ds[stage * BM + i] = Dv;
+    }
+  };
+  if (steps > 0) load_q(0, 0);
+  cp_async_commit();
+
+  float dk[DT][4], dv[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+
+  for (int64_t it = 0; it < steps; ++it) {
+    cp_async_wait_all();
+    sync_block();  // step `it` has landed; the previous step's buffers and dSᵀ are free
+    if (it + 1 < steps) load_q((it + 1) & 1, it + 1);
+    cp_async_commit();
+    const int stage = static_cast<int>(it & 1);
+    const int64_t h = hk * group + it / nq, q0 = tlo + (it % nq) * BM;
+    const bf16* Qt = Qs + stage * BM * LD;
+    const bf16* dOt = dOs + stage * BM * LD;
+    const float* Lt = Ls + stage * BM;
+    const float* Dt = Ds + stage * BM;
+
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warp's 16 keys × BM queries.
+    float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+    for (int i = 0; i < NQ; ++i) {
+      st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+      dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+    }
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      uint32_t ak[4], av[4];
+      ldsm_x4(ak, Ks + (warp * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+      ldsm_x4(av, Vs + (warp * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < NQ / 2; ++np) {
+        const int roff = (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kc * 16 + ((lane >> 3) & 1) * 8;
+        uint32_t bq[4], bd[4];
+        ldsm_x4(bq, Qt + roff);
+        ldsm_x4(bd, dOt + roff);
+        mma16816(st[2 * np], ak, bq[0], bq[1]);
+        mma16816(st[2 * np + 1], ak, bq[2], bq[3]);
+        mma16816(dpt[2 * np], av, bd[0], bd[1]);
+        mma16816(dpt[2 * np + 1], av, bd[2], bd[3]);
+      }
+    }
+    // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e) on visible entries; dSᵀ = Pᵀ·(dPᵀ − D).
+    const bool full = !p.mask && s0 + BN <= p.S && (!p.causal || s0 + BN - 1 <= p.qOffset + q0) &&
+                      (p.window == 0 || p.qOffset + q0 + BM - 1 - s0 < p.window);
+#pragma unroll
+    for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = warp * 16 + g + (e >= 2 ? 8 : 0), col = nt * 8 + 2 * tq + (e & 1);
+        float pr = exp2f(st[nt][e] * p.scale_log2 - Lt[col]);
+        if (!full) {
+          const int64_t s = s0 + row, qpos = p.qOffset + q0 + col;
+          const bool vis = Mk[row] && (!p.causal || s <= qpos) && (p.window == 0 || qpos - s < p.window);
+          if (!vis) pr = 0.f;
+        }
+        st[nt][e] = pr;
+        dpt[nt][e] = pr == 0.f ? 0.f : pr * (dpt[nt][e] - Dt[col]);
+      }
+    }
+    // dV += Pᵀ·dO and dK += dSᵀ·Q (the k dimension is this step's queries).
+#pragma unroll
+    for (int kc = 0; kc < BM / 16; ++kc) {
+      uint32_t ap[4], as[4];
+      c_to_a(ap, st[2 * kc], st[2 * kc + 1]);
+      c_to_a(as, dpt[2 * kc], dpt[2 * kc + 1]);
+#pragma unroll
+      for (int dp = 0; dp < HD / 16; ++dp) {
+        const int roff = (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8;
+        uint32_t bo[4], bq[4];
+        ldsm_x4_t(bo, dOt + roff);
+        ldsm_x4_t(bq, Qt + roff);
+        mma16816(dv[2 * dp], ap, bo[0], bo[1]);
+        mma16816(dv[2 * dp + 1], ap, bo[2], bo[3]);
+        mma16816(dk[2 * dp], as, bq[0], bq[1]);
+        mma16816(dk[2 * dp + 1], as, bq[2], bq[3]);
+      }
+    }
+    // dSᵀ to shared memory (bf16), for dQ = dS·K across the block's 64 keys.
+#pragma unroll
+    for (int nt = 0; nt < NQ; ++nt) {
+      const int row = warp * 16 + g, col = nt * 8 + 2 * tq;
+      *reinterpret_cast<uint32_t*>(dSs + row * LDS + col) = pack2(dpt[nt][0], dpt[nt][1]);
+      *reinterpret_cast<uint32_t*>(dSs + (row + 8) * LDS + col) = pack2(dpt[nt][2], dpt[nt][3]);
+    }
+    sync_block();
+    // dQ: warp (rb, cb) computes query rows [16·rb, 16·rb + 16) × columns [cb·DQC, cb·DQC + DQC).
+    {
+      const int rb = warp % RB, cb = warp / RB;
+      float dq[DQC / 8][4];
+#pragma unroll
+      for (int i = 0; i < DQC / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+      for (int kc = 0; kc < BN / 16; ++kc) {
+        uint32_t a[4];
+        ldsm_x4_t(a, dSs + (kc * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + rb * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int dp = 0; dp < DQC / 16; ++dp) {
+          uint32_t bk[4];
+          ldsm_x4_t(bk, Ks + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + cb * DQC + dp * 16 + (lane >> 4) * 8);
+          mma16816(dq[2 * dp], a, bk[0], bk[1]);
+          mma16816(dq[2 * dp + 1], a, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t t = q0 + rb * 16 + g + r * 8;
+        if (t < p.T) {
+          float* dst = p.dqacc + ((b * p.T + t) * p.Hq + h) * HD + cb * DQC + 2 * tq;
+#pragma unroll
+          for (int dt = 0; dt < DQC / 8; ++dt)
+            atomic_add2(dst + dt * 8, dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
+        }
+      }
+    }
+  }
+
+  cp_async_wait_all();  // nothing may still be in flight when the block ends (steps = 0)
+  // dk = scale·dK, dv = dV for the keys s < S of this warp.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t s = s0 + warp * 16 + g + r * 8;
+    if (s < p.S) {
+      const int64_t off = ((b * p.sMax + s) * p.Hkv + hk) * HD + 2 * tq;
+      bf16* dko = static_cast<bf16*>(p.dk) + off;
+      bf16* dvo = static_cast<bf16*>(p.dv) + off;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        *reinterpret_cast<uint32_t*>(dko + dt * 8) = pack2(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dvo + dt * 8) = pack2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace magix::cuda::flash
