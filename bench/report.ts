@@ -4,7 +4,9 @@ import { mkdirSync, writeFileSync } from "node:fs"
 import { cpus } from "node:os"
 import { join } from "node:path"
 
+/** The commit measured: MAGIX_COMMIT where the tree is a copy without .git (the GPU host). */
 export const commit = (): string => {
+  if (process.env.MAGIX_COMMIT) return process.env.MAGIX_COMMIT
   try {
     return execSync("git rev-parse --short HEAD", { encoding: "utf8" }).trim()
   } catch {

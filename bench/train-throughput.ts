@@ -3,11 +3,19 @@
  * 128256, 16 layers, width 2048, 32 heads, 8 KV heads) at sequence 2048, bf16 compute with
  * float32 master weights and AdamW. Prints tokens/s, TFLOP/s (6N + 12·L·d·T per token) and peak
  * memory, and writes bench/results/train-throughput-<date>.json.
+ *
+ * Every step gets a fresh batch (placement included in the time) from a fixed random process with
+ * structure to learn: 4096 token ids spread over the vocabulary, each followed by one of 4 fixed
+ * successors, so the loss can fall from ln(128256) ≈ 11.8 towards ln 4 ≈ 1.39. The run fails if
+ * a loss is not finite or the last five steps' mean is not below the first five's.
  *   npx tsx bench/train-throughput.ts [--batch 8] [--seq 2048] [--steps 10] [--layers 16]
+ *     [--with baseline.json,...]   rows measured by bench/baselines/*.py in the same call
+ * bench/train-compare.sh runs Magix, PyTorch eager, torch.compile and JAX side by side.
  */
+import { existsSync, readFileSync } from "node:fs"
 import { Effect, Layer } from "effect"
 import { parseConfig } from "../src/core/config.ts"
-import { placeBatch } from "../src/core/models/batch.ts"
+import { disposeBatch, type HostTokenBatch, placeBatch } from "../src/core/models/batch.ts"
 import { LlamaForCausalLM } from "../src/core/models/decoder.ts"
 import { initParams } from "../src/core/models/init.ts"
 import { adamw, chain, clipByGlobalNorm, initializeOptState, warmupCosine } from "../src/core/optim.ts"
@@ -63,32 +71,53 @@ const program = Effect.gen(function* () {
   const optState = yield* initializeOptState(optimizer, params, LlamaForCausalLM.partitionRules, mesh)
   const step = makeTrainStep(model, optimizer)
   let state = 7
-  const ids = Int32Array.from({ length: B * T }, () => {
+  const next = () => {
     state = (Math.imul(state, 1103515245) + 12345) >>> 0
-    return 3 + (state % 128000)
-  })
-  const { batch } = yield* placeBatch(engine, mesh, {
-    batchSize: B,
-    length: T,
-    inputIds: ids,
-    positions: Int32Array.from(ids, (_, i) => i % T),
-    targets: Int32Array.from(ids, (_, i) => (i % T === T - 1 ? -100 : ids[i + 1]!)),
-  })
+    return state >>> 8
+  }
+  const WORDS = 4096
+  const tokenOf = Int32Array.from({ length: WORDS }, () => 3 + (next() % 128000))
+  const successors = Int32Array.from({ length: WORDS * 4 }, () => next() % WORDS)
+  const hostBatch = (): HostTokenBatch => {
+    const ids = new Int32Array(B * T)
+    for (let b = 0; b < B; b++) {
+      let w = next() % WORDS
+      for (let t = 0; t < T; t++) {
+        ids[b * T + t] = tokenOf[w]!
+        w = successors[w * 4 + (next() & 3)]!
+      }
+    }
+    return {
+      batchSize: B,
+      length: T,
+      inputIds: ids,
+      positions: Int32Array.from(ids, (_, i) => i % T),
+      targets: Int32Array.from(ids, (_, i) => (i % T === T - 1 ? -100 : ids[i + 1]!)),
+    }
+  }
   const losses: number[] = []
   const times: number[] = []
   for (let i = 0; i < WARMUP + STEPS; i++) {
     const s = performance.now()
+    const { batch } = yield* placeBatch(engine, mesh, hostBatch())
     const out = yield* step(params, optState, batch)
     losses.push(Number(shardToHost(out.loss, 0)[0]))
     out.loss.dispose()
+    disposeBatch(batch)
     times.push(performance.now() - s)
     if (i === 0)
       console.error(
         `first step (trace) ${(times[0]! / 1000).toFixed(1)} s, setup ${((s - t0) / 1000).toFixed(1)} s`,
       )
   }
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length
+  const [first, last] = [mean(losses.slice(0, 5)), mean(losses.slice(-5))]
+  const healthy = losses.every(Number.isFinite) && last < first
+  console.log(
+    `loss ${first.toFixed(3)} (first five) → ${last.toFixed(3)} (last five): ${healthy ? "falling, finite" : "NOT LEARNING"}`,
+  )
   const measured = times.slice(WARMUP)
-  const ms = measured.reduce((a, b) => a + b, 0) / measured.length
+  const ms = mean(measured)
   const tps = (B * T * 1000) / ms
   const peak = (yield* devices.memory(0)).peak
   const row = {
@@ -100,12 +129,26 @@ const program = Effect.gen(function* () {
     "TFLOP/s": (tps * flopsPerToken(model, T)) / 1e12,
     "peak GiB": peak / 2 ** 30,
   }
-  printTable([row])
+  const withIdx = process.argv.indexOf("--with")
+  const baselines = (withIdx > 0 ? process.argv[withIdx + 1]!.split(",") : []).map((file) =>
+    existsSync(file)
+      ? (JSON.parse(readFileSync(file, "utf8")) as Record<string, string | number>)
+      : {
+          framework: file.replace(/.*\//, "").replace(/\.json$/, ""),
+          batch: B,
+          sequence: T,
+          "step ms": "failed (see log)",
+        },
+  )
+  const pick = (r: Record<string, string | number>) =>
+    Object.fromEntries(Object.keys(row).map((k) => [k, r[k] ?? ""])) as Record<string, string | number>
+  printTable([row, ...baselines.map(pick)])
   console.log(`losses ${losses.map((l) => l.toFixed(3)).join(" ")}`)
   const device = devices.info[0]?.name ?? devices.platform
   console.log(
-    `wrote ${writeResult("train-throughput", device, { model: "Llama-3.2-1B shape", layers: LAYERS, ...row, losses, stepTimesMs: times })}`,
+    `wrote ${writeResult("train-throughput", device, { model: "Llama-3.2-1B shape", layers: LAYERS, ...row, healthy, losses, stepTimesMs: times, baselines })}`,
   )
+  if (!healthy) process.exitCode = 1
 })
 
 Effect.runPromise(

@@ -6,7 +6,7 @@
 import { resolve } from "node:path"
 import { Effect, Layer, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
-import { parseConfig } from "../src/core/config.ts"
+import { configToJson, parseConfig } from "../src/core/config.ts"
 import { modelClassFor } from "../src/core/models/decoder.ts"
 import { specFor } from "../src/core/partitionRules.ts"
 import type { ShardedArray } from "../src/core/shardedArray.ts"
@@ -68,7 +68,7 @@ export const convertProgram = (f: ConvertFlags) =>
     const fromHf = opt(f.fromHf)
     if (fromHf) {
       const { model, params } = yield* loadModelHub(Model, fromHf, Model.partitionRules, mesh)
-      yield* ckpt.save(0, { params }, { rules: Model.partitionRules, modelConfig: model.config })
+      yield* ckpt.save(0, { params }, { rules: Model.partitionRules, modelConfig: configToJson(model.config) })
       yield* ckpt.wait
       process.stderr.write(`magix: ${fromHf} imported as step 0 of ${ckpt.directory}\n`)
       return
