@@ -2,7 +2,7 @@
  * Training throughput on one GPU: a Llama-3.2-1B-shaped model (random weights; vocabulary
  * 128256, 16 layers, width 2048, 32 heads, 8 KV heads) at sequence 2048, bf16 compute with
  * float32 master weights and AdamW. Prints tokens/s, TFLOP/s (6N + 12·L·d·T per token) and peak
- * memory, and writes bench/results/train-throughput-<date>.json.
+ * memory, and writes bench/results/train-throughput-s<seq>-b<batch>-<date>.json.
  *
  * Every step gets a fresh batch (placement included in the time) from a fixed random process with
  * structure to learn: 4096 token ids spread over the vocabulary, each followed by one of 4 fixed
@@ -146,7 +146,7 @@ const program = Effect.gen(function* () {
   console.log(`losses ${losses.map((l) => l.toFixed(3)).join(" ")}`)
   const device = devices.info[0]?.name ?? devices.platform
   console.log(
-    `wrote ${writeResult("train-throughput", device, { model: "Llama-3.2-1B shape", layers: LAYERS, ...row, healthy, losses, stepTimesMs: times, baselines })}`,
+    `wrote ${writeResult(`train-throughput-s${T}-b${B}`, device, { model: "Llama-3.2-1B shape", layers: LAYERS, ...row, healthy, losses, stepTimesMs: times, baselines })}`,
   )
   if (!healthy) process.exitCode = 1
 })

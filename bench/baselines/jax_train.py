@@ -6,8 +6,11 @@ Plain JAX (no flax/optax), so it runs wherever jax[cuda] does. The batch is the 
 one of the Magix benchmark's shape (random ids: throughput does not depend on the values).
    python3 bench/baselines/jax_train.py --batch 8 --seq 2048 --steps 10 --out result.json
 """
-import argparse, json, math, time
+import argparse, json, math, os, time
 import numpy as np
+
+# The default 75% preallocation is too little for batch 8; let XLA use the GPU as the others do.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax
 import jax.numpy as jnp
 
