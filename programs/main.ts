@@ -6,6 +6,7 @@ import { Command } from "effect/cli"
 import { normalizeArgv } from "./argv.ts"
 import { convertCommand } from "./convert.ts"
 import { generateCommand } from "./generate.ts"
+import { reportCommand } from "./reportCommand.ts"
 import { trainCommand } from "./train.ts"
 
 const version = (
@@ -14,7 +15,7 @@ const version = (
 
 export const magix = Command.make("magix").pipe(
   Command.withDescription("train and run LLMs with data and model parallelism over a named device mesh"),
-  Command.withSubcommands([trainCommand, generateCommand, convertCommand]),
+  Command.withSubcommands([trainCommand, generateCommand, convertCommand, reportCommand]),
 )
 
 Command.runWith(magix, { version })(normalizeArgv(process.argv.slice(2))).pipe(

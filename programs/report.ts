@@ -1,6 +1,6 @@
 /**
- * What a person sees: failures in one or two lines with the fix (never a stack trace for a
- * mistake they can make), and a progress line for training.
+ * What a person sees when something goes wrong: failures in one or two lines with the fix (never
+ * a stack trace for a mistake they can make). Training progress is src/layers/Progress.ts.
  */
 import { Cause, Effect } from "effect"
 
@@ -40,40 +40,3 @@ export const reportFailures = <A, E, R>(
       }),
     ),
   )
-
-const duration = (s: number) => {
-  if (!Number.isFinite(s)) return "?"
-  const m = Math.floor(s / 60)
-  return m > 0 ? `${m}m${String(Math.round(s % 60)).padStart(2, "0")}s` : `${s.toFixed(0)}s`
-}
-
-export interface ProgressLine {
-  readonly step: number
-  readonly total: number
-  readonly loss: number
-  readonly learningRate: number
-  readonly tokensPerSecond: number
-  readonly mfu?: number
-  readonly etaSeconds?: number
-}
-
-/** A progress bar on a terminal, a plain line every so often elsewhere. */
-export const progressPrinter = () => {
-  const tty = process.stderr.isTTY === true
-  let lastPlain = 0
-  return (p: ProgressLine) =>
-    Effect.sync(() => {
-      const width = 24
-      const done = Math.min(width, Math.round((p.step / Math.max(1, p.total)) * width))
-      const bar = `[${"#".repeat(done)}${".".repeat(width - done)}]`
-      const mfu = p.mfu !== undefined ? `  mfu ${(p.mfu * 100).toFixed(1)}%` : ""
-      const line =
-        `${bar} step ${p.step}/${p.total}  loss ${p.loss.toFixed(4)}  lr ${p.learningRate.toExponential(2)}  ` +
-        `${Math.round(p.tokensPerSecond)} tok/s${mfu}  eta ${duration(p.etaSeconds ?? Number.NaN)}`
-      if (tty) process.stderr.write(`\r\x1b[2K${line}${p.step >= p.total ? "\n" : ""}`)
-      else if (p.step >= p.total || performance.now() - lastPlain > 5000 || p.step === 1) {
-        lastPlain = performance.now()
-        process.stderr.write(`${line}\n`)
-      }
-    })
-}

@@ -6,13 +6,15 @@ import { dirname, join, resolve } from "node:path"
 import { Effect, Layer, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
 import { Checkpointer } from "../src/layers/Checkpointer.ts"
-import { CpuRuntime, DefaultRuntime } from "../src/layers/Devices.ts"
+import { CpuRuntime, DefaultRuntime, Devices } from "../src/layers/Devices.ts"
 import { saveHuggingFace } from "../src/layers/exportModel.ts"
 import { Hub } from "../src/layers/Hub.ts"
 import { saveLoraAdapter } from "../src/layers/loraAdapter.ts"
+import { makeProgress } from "../src/layers/Progress.ts"
+import { describeFlags, makeLiveReport } from "../src/layers/report/liveReport.ts"
 import { embeddedModelDir, embeddedTrainFile, runTraining } from "../src/layers/Training.ts"
 import { parseIntList } from "./argv.ts"
-import { progressPrinter, reportFailures } from "./report.ts"
+import { reportFailures } from "./report.ts"
 
 export class MissingFlag extends Schema.TaggedError<MissingFlag>()("MissingFlag", {
   flag: Schema.String,
@@ -90,6 +92,12 @@ export const trainFlags = {
     Flag.optional,
     Flag.withDescription("JSONL, one object per logged step"),
   ),
+  report: Flag.String("report").pipe(
+    Flag.optional,
+    Flag.withDescription(
+      "write an HTML page with the loss and learning-rate curves, configuration and summary (refreshed at each checkpoint)",
+    ),
+  ),
   packing: Flag.Boolean("packing").pipe(
     Flag.withDefault(false),
     Flag.withDescription("pack documents into rows instead of padding each"),
@@ -122,7 +130,19 @@ export const trainProgram = (f: TrainFlags) =>
         reason: "with --model-name (a .jsonl, .parquet or Hub dataset)",
       })
     const checkpointDir = checkpointDirOf(f)
-    const progress = progressPrinter()
+    const progress = makeProgress()
+    const devices = yield* Devices
+    const reportPath = opt(f.report)
+    const report = reportPath
+      ? yield* makeLiveReport({
+          path: reportPath,
+          title: `magix train: ${modelName ?? "the embedded tiny Llama"}`,
+          flags: describeFlags(f),
+          everySteps: f.saveSteps,
+          ...(opt(f.metricsFile) ? { metricsFile: opt(f.metricsFile)! } : {}),
+          warn: progress.message,
+        })
+      : undefined
     let total = 0
     const result = yield* runTraining({
       modelType: f.modelType,
@@ -157,9 +177,13 @@ export const trainProgram = (f: TrainFlags) =>
           process.stderr.write(
             `magix: training ${info.model.modelType} (${(info.parameters / 1e6).toFixed(2)}M parameters) on ${info.mesh}, ${info.totalSteps} steps${from}\n`,
           )
-        }),
-      onStep: (m) => progress({ ...m, total }),
-    })
+        }).pipe(
+          Effect.andThen(
+            report?.started({ ...info, platform: devices.platform, devices: devices.info }) ?? Effect.void,
+          ),
+        ),
+      onStep: (m) => Effect.andThen(progress.update(m, total), report?.step(m) ?? Effect.void),
+    }).pipe(Effect.onExit((exit) => Effect.andThen(progress.end, report?.finish(exit) ?? Effect.void)))
     const out = join(checkpointDir, result.lora ? "lora" : "hf")
     if (result.lora) yield* saveLoraAdapter(result.lora, f.loraAlpha, out, modelName ?? embeddedModelDir)
     else
@@ -168,6 +192,7 @@ export const trainProgram = (f: TrainFlags) =>
       })
     process.stderr.write(
       `magix: ${result.steps} steps, final loss ${result.lastMetrics?.loss.toFixed(4) ?? "?"}; ${result.lora ? "LoRA adapter" : "model"} saved to ${out}\n` +
+        (reportPath ? `magix: report written to ${resolve(reportPath)}\n` : "") +
         (embedded ? "magix: now try `npx magix generate` to see what it learned\n" : ""),
     )
   })

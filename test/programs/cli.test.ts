@@ -52,6 +52,7 @@ const trainFlags = (checkpointDir: string, extra: Record<string, unknown> = {}) 
   maxSteps: Option.some(8),
   cpuDevices: Option.some(2),
   metricsFile: none as Option.Option<string>,
+  report: none as Option.Option<string>,
   packing: false,
   logEvery: 1,
   lora: false,
