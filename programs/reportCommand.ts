@@ -53,5 +53,7 @@ export const reportProgram = (f: ReportFlags) =>
   })
 
 export const reportCommand = Command.make("report", flags, (f) => reportFailures(reportProgram(f))).pipe(
-  Command.withDescription("write the HTML report (loss and learning-rate curves, summary) of a --metrics-file"),
+  Command.withDescription(
+    "write the HTML report (loss and learning-rate curves, summary) of a --metrics-file",
+  ),
 )

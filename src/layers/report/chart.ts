@@ -35,7 +35,8 @@ export const niceTicks = (lo: number, hi: number, count = 5): number[] => {
   const f = raw / magnitude
   const step = (f < 1.5 ? 1 : f < 3 ? 2 : f < 7 ? 5 : 10) * magnitude
   const out: number[] = []
-  for (let i = Math.ceil(lo / step - 1e-9); i * step <= hi + step * 1e-9; i++) out.push(Number((i * step).toPrecision(12)))
+  for (let i = Math.ceil(lo / step - 1e-9); i * step <= hi + step * 1e-9; i++)
+    out.push(Number((i * step).toPrecision(12)))
   return out
 }
 
@@ -90,12 +91,14 @@ export const lineChart = (series: ReadonlyArray<ChartSeries>, options: ChartOpti
   const finite = series.map((s) => s.points.filter((p) => Number.isFinite(p[1])))
   const all = finite.flat()
   const head = series[0]?.points.at(-1)
-  const headline =
-    head !== undefined ? `${format(head[1])} at step ${head[0]}` : "no data yet"
+  const headline = head !== undefined ? `${format(head[1])} at step ${head[0]}` : "no data yet"
   const legend =
     series.length > 1
       ? series
-          .map((s, i) => `<tspan class="${s.className}-text" dx="${i === 0 ? 0 : 12}">— ${escapeHtml(s.name)}</tspan>`)
+          .map(
+            (s, i) =>
+              `<tspan class="${s.className}-text" dx="${i === 0 ? 0 : 12}">— ${escapeHtml(s.name)}</tspan>`,
+          )
           .join("")
       : ""
   const open =
@@ -156,14 +159,18 @@ export const lineChart = (series: ReadonlyArray<ChartSeries>, options: ChartOpti
         `<circle class="${s.className}-dot" data-series="${escapeHtml(s.name)}" cx="${num(x(px))}" cy="${num(y(py))}" r="3"/>`,
       )
     }
-    parts.push(`<path class="series ${s.className}" data-series="${escapeHtml(s.name)}" data-points="${count}" d="${d}"/>`)
+    parts.push(
+      `<path class="series ${s.className}" data-series="${escapeHtml(s.name)}" data-points="${count}" d="${d}"/>`,
+    )
     const gaps = s.points.filter((p) => !Number.isFinite(p[1])).slice(0, 500)
     for (const [gx] of gaps)
       parts.push(
         `<line class="gap" x1="${num(x(gx))}" x2="${num(x(gx))}" y1="${margin.top + plotH - 6}" y2="${margin.top + plotH}"/>`,
       )
   })
-  parts.push(`<text class="axis-label" x="${margin.left + plotW}" y="${height - 4}" text-anchor="end">step</text>`)
+  parts.push(
+    `<text class="axis-label" x="${margin.left + plotW}" y="${height - 4}" text-anchor="end">step</text>`,
+  )
   parts.push("</svg>")
   return parts.join("")
 }

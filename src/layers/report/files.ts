@@ -75,7 +75,9 @@ const rowOf = (l: Line): ReportRow => ({
   ...defined("etaSeconds", l.etaSeconds),
   ...defined("skippedSteps", l.skippedSteps),
   ...defined("epoch", l.epoch),
-  ...(l.deviceMemory && l.deviceMemory.peak.length > 0 ? { peakMemory: Math.max(...l.deviceMemory.peak) } : {}),
+  ...(l.deviceMemory && l.deviceMemory.peak.length > 0
+    ? { peakMemory: Math.max(...l.deviceMemory.peak) }
+    : {}),
 })
 
 /** A live step as a report row (the same fields the metrics file holds). */

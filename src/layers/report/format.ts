@@ -4,8 +4,7 @@
  */
 
 /** Text safe inside HTML elements and double-quoted attributes. */
-export const escapeHtml = (s: string): string =>
-  s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`)
+export const escapeHtml = (s: string): string => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`)
 
 /** `45s`, `3m05s`, `2h07m`; `?` when unknown (a first step has no rate yet). */
 export const formatDuration = (seconds: number | undefined): string => {

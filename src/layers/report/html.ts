@@ -93,7 +93,10 @@ export const summarize = (rows: ReadonlyArray<ReportRow>): RunSummary => {
   if (previous) close()
   const sorted = normalizeRows(rows)
   const finite = sorted.filter((r) => Number.isFinite(r.loss))
-  const lowest = finite.reduce<ReportRow | undefined>((m, r) => (m === undefined || r.loss < m.loss ? r : m), undefined)
+  const lowest = finite.reduce<ReportRow | undefined>(
+    (m, r) => (m === undefined || r.loss < m.loss ? r : m),
+    undefined,
+  )
   const last = sorted.at(-1)
   const peaks = sorted.flatMap((r) => (r.peakMemory !== undefined ? [r.peakMemory] : []))
   return {
@@ -130,7 +133,8 @@ const seriesOf = (rows: ReadonlyArray<ReportRow>, pick: (r: ReportRow) => number
 const charts = (rows: ReadonlyArray<ReportRow>): string[] => {
   const loss = seriesOf(rows, (r) => r.loss)
   const lossSeries: ChartSeries[] = [{ name: "loss", points: loss, className: "s-loss" }]
-  if (loss.length >= 20) lossSeries.push({ name: "moving average", points: smooth(loss), className: "s-trend" })
+  if (loss.length >= 20)
+    lossSeries.push({ name: "moving average", points: smooth(loss), className: "s-trend" })
   const out = [lineChart(lossSeries, { title: "Loss" })]
   const optional: Array<[string, string, (r: ReportRow) => number | undefined, (v: number) => string]> = [
     ["Learning rate", "s-lr", (r) => r.learningRate, formatValue],
@@ -164,7 +168,8 @@ const summaryCards = (page: ReportPage, s: RunSummary): Array<readonly [string, 
   ]
   if (s.meanTokensPerSecond !== undefined) cards.push(["mean tokens/s", formatCount(s.meanTokensPerSecond)])
   if (s.tokens !== undefined) cards.push(["tokens", formatCount(s.tokens)])
-  if (page.status === "running" && s.etaSeconds !== undefined) cards.push(["ETA", formatDuration(s.etaSeconds)])
+  if (page.status === "running" && s.etaSeconds !== undefined)
+    cards.push(["ETA", formatDuration(s.etaSeconds)])
   if (s.skippedSteps !== undefined) cards.push(["skipped steps", String(s.skippedSteps)])
   if (s.nonFiniteLosses > 0) cards.push(["non-finite losses", String(s.nonFiniteLosses)])
   if (s.peakMemory !== undefined) cards.push(["peak device memory", formatBytes(s.peakMemory)])
@@ -225,7 +230,10 @@ export const renderReport = (page: ReportPage): string => {
     )
     .join("\n")
   const statusClass = `status-${page.status.replace(/ /g, "-")}`
-  const updated = page.updatedAt.toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC")
+  const updated = page.updatedAt
+    .toISOString()
+    .replace("T", " ")
+    .replace(/\.\d+Z$/, " UTC")
   const detail = page.statusDetail ? ` — ${e(page.statusDetail)}` : ""
   return `<!doctype html>
 <html lang="en">

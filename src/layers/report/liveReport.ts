@@ -17,7 +17,13 @@ import type { DeviceInfo } from "../Devices.ts"
 import type { StepMetrics } from "../Training.ts"
 import { readMetricsFile, rowFromMetrics, writeReport } from "./files.ts"
 import { formatBytes, formatCount } from "./format.ts"
-import { type ReportPage, type ReportRow, type ReportSection, type ReportStatus, renderReport } from "./html.ts"
+import {
+  type ReportPage,
+  type ReportRow,
+  type ReportSection,
+  type ReportStatus,
+  renderReport,
+} from "./html.ts"
 
 export interface LiveReportOptions {
   readonly path: string
@@ -124,7 +130,9 @@ const failureText = (cause: Cause.Cause<unknown>): string => {
   const e = Cause.findErrorOption(cause)
   const x = Option.isSome(e) ? e.value : Cause.squash(cause)
   const text =
-    typeof x === "object" && x !== null && "message" in x ? String((x as { message: unknown }).message) : String(x)
+    typeof x === "object" && x !== null && "message" in x
+      ? String((x as { message: unknown }).message)
+      : String(x)
   return text.split("\n")[0]!
 }
 
