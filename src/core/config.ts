@@ -325,6 +325,47 @@ const parseAct = (
     : unsupported(ctx, "hidden_act", act, `"silu" for ${modelType}`)
 }
 
+/** Larger than any tensor dimension or layer count a real model has: only a corrupt config says more. */
+const MAX_DIMENSION = 2 ** 31 - 1
+const MAX_LAYERS = 65_536
+
+/**
+ * Sizes no model can have, checked before anything loops over layers or multiplies dimensions:
+ * a corrupt num_hidden_layers of 2^53 would otherwise build parameter lists until memory ran out.
+ */
+const sizeProblem = (
+  raw: RawConfig,
+  heads: number,
+  kvHeads: number,
+  headDim: number,
+): { field: string; reason: string } | undefined => {
+  const dims: ReadonlyArray<[string, number]> = [
+    ["vocab_size", raw.vocab_size],
+    ["hidden_size", raw.hidden_size],
+    ["intermediate_size", raw.intermediate_size],
+    ["num_attention_heads", heads * headDim],
+    ["num_key_value_heads", kvHeads * headDim],
+    ["max_position_embeddings", raw.max_position_embeddings ?? 0],
+  ]
+  for (const [field, d] of dims)
+    if (d > MAX_DIMENSION)
+      return { field, reason: `gives a dimension of ${d}, more than ${MAX_DIMENSION}: the value is corrupt` }
+  if (raw.num_hidden_layers > MAX_LAYERS)
+    return {
+      field: "num_hidden_layers",
+      reason: `is ${raw.num_hidden_layers}, more than ${MAX_LAYERS}: the value is corrupt`,
+    }
+  const D = raw.hidden_size
+  const perLayer = 2 * heads * headDim * D + 2 * kvHeads * headDim * D + 3 * raw.intermediate_size * D + 2 * D
+  const total = raw.num_hidden_layers * perLayer + 2 * raw.vocab_size * D + D
+  if (!Number.isSafeInteger(total))
+    return {
+      field: "hidden_size",
+      reason: `with the other sizes gives ${total} parameters, more than can be counted exactly: the sizes are corrupt`,
+    }
+  return undefined
+}
+
 /** Parses a `config.json` object; `source` names it in errors. */
 export const parseConfig = (json: unknown, source = "config.json"): Effect.Effect<ModelConfig, ConfigError> =>
   Effect.gen(function* () {
@@ -368,9 +409,13 @@ export const parseConfig = (json: unknown, source = "config.json"): Effect.Effec
         )
       headDim = raw.hidden_size / heads
     }
+    const tooLarge = sizeProblem(raw, heads, kvHeads, headDim)
+    if (tooLarge !== undefined) return yield* invalid(ctx, tooLarge.field, tooLarge.reason)
     const dtypeField = raw.dtype != null ? "dtype" : "torch_dtype"
     const dtypeName = raw.dtype ?? raw.torch_dtype
-    const dtype = dtypeName == null ? null : dtypeNames[dtypeName]
+    // An own key only: "__proto__" or "constructor" must not find Object's prototype.
+    const dtype =
+      dtypeName == null ? null : Object.hasOwn(dtypeNames, dtypeName) ? dtypeNames[dtypeName] : undefined
     if (dtype === undefined)
       return yield* unsupported(ctx, dtypeField, dtypeName, Object.keys(dtypeNames).join(", "))
     return {
