@@ -1,6 +1,8 @@
 // Builds the native addon with cmake-js (run by `npm install`). The CUDA backend is built
 // whenever nvcc is found; MAGIX_CUDA=0 or =1 forces the choice. Skips the build when the addon
-// is newer than every native source, unless --force.
+// is newer than every native source, unless --force. --sanitize (or MAGIX_SANITIZE=1) builds an
+// AddressSanitizer + UBSan addon for fuzzing into build-asan/ instead, its own CMake cache, so the
+// default build never inherits the flag; load it with MAGIX_NATIVE_PATH (see README, Hardening).
 import { execFileSync, spawnSync } from "node:child_process"
 import { existsSync, readdirSync, statSync } from "node:fs"
 import { dirname, join } from "node:path"
@@ -47,7 +49,7 @@ if (!force && !sanitize && existsSync(output) && statSync(output).mtimeMs > sour
 }
 
 const cmakeJs = join(root, "node_modules", "cmake-js", "bin", "cmake-js")
-const args = [cmakeJs, "compile", "--directory", root, "--out", "build"]
+const args = [cmakeJs, "compile", "--directory", root, "--out", sanitize ? "build-asan" : "build"]
 const jobs =
   process.env.MAGIX_BUILD_JOBS ?? String(Math.max(1, (await import("node:os")).availableParallelism()))
 args.push("--parallel", jobs)
@@ -64,3 +66,8 @@ if (result.status !== 0) {
   )
   process.exit(result.status ?? 1)
 }
+if (sanitize)
+  console.log(
+    `magix: sanitizer build at ${join(root, "build-asan", "Debug", "magix.node")}; run with ` +
+      "MAGIX_NATIVE_PATH=<that path> LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0",
+  )
