@@ -7,6 +7,7 @@ import { normalizeArgv } from "./argv.ts"
 import { convertCommand } from "./convert.ts"
 import { generateCommand } from "./generate.ts"
 import { reportCommand } from "./reportCommand.ts"
+import { teardown, watchSignals } from "./signals.ts"
 import { trainCommand } from "./train.ts"
 
 const version = (
@@ -18,7 +19,8 @@ export const magix = Command.make("magix").pipe(
   Command.withSubcommands([trainCommand, generateCommand, convertCommand, reportCommand]),
 )
 
+watchSignals()
 Command.runWith(magix, { version })(normalizeArgv(process.argv.slice(2))).pipe(
   Effect.provide(NodeServices.layer),
-  NodeRuntime.runMain,
+  NodeRuntime.runMain({ teardown }),
 )

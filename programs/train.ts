@@ -15,6 +15,7 @@ import { describeFlags, makeLiveReport } from "../src/layers/report/liveReport.t
 import { embeddedModelDir, embeddedTrainFile, runTraining } from "../src/layers/Training.ts"
 import { parseIntList } from "./argv.ts"
 import { reportFailures } from "./report.ts"
+import { setInterruptHint } from "./signals.ts"
 
 export class MissingFlag extends Schema.TaggedError<MissingFlag>()("MissingFlag", {
   flag: Schema.String,
@@ -130,6 +131,7 @@ export const trainProgram = (f: TrainFlags) =>
         reason: "with --model-name (a .jsonl, .parquet or Hub dataset)",
       })
     const checkpointDir = checkpointDirOf(f)
+    setInterruptHint(`run the same command to resume from the last checkpoint in ${checkpointDir}`)
     const progress = makeProgress()
     const devices = yield* Devices
     const reportPath = opt(f.report)

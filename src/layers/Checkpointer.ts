@@ -416,10 +416,12 @@ const make = (options: CheckpointerOptions) =>
       const p = pending
       if (!p) return Effect.void
       // The failure is reported once: whoever sees it clears it, and later saves start afresh.
+      // A waiter that is interrupted (Ctrl-C) has not seen the outcome: the write stays pending,
+      // so the layer's finalizer still waits for it before the process exits.
       return Deferred.await(p.done).pipe(
-        Effect.ensuring(
+        Effect.onExit((exit) =>
           Effect.sync(() => {
-            if (pending === p) pending = undefined
+            if ((Exit.isSuccess(exit) || Exit.hasFails(exit)) && pending === p) pending = undefined
           }),
         ),
       )
