@@ -7,7 +7,7 @@
 import { basename, resolve } from "node:path"
 import { Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
-import { readMetricsFile, writeReport } from "../src/layers/report/files.ts"
+import { MetricsFileEmpty, readMetricsFile, writeReport } from "../src/layers/report/files.ts"
 import { renderReport } from "../src/layers/report/html.ts"
 import { reportFailures } from "./report.ts"
 
@@ -30,6 +30,7 @@ export const reportProgram = (f: ReportFlags) =>
   Effect.gen(function* () {
     const output = Option.getOrElse(f.output, () => f.metricsFile.replace(/(\.jsonl?)?$/, ".html"))
     const rows = yield* readMetricsFile(f.metricsFile)
+    if (rows.length === 0) return yield* new MetricsFileEmpty({ path: f.metricsFile })
     yield* writeReport(
       output,
       renderReport({

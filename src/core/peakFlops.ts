@@ -15,6 +15,7 @@ const table: ReadonlyArray<readonly [RegExp, number]> = [
   [/\bA100\b/i, 312e12],
   [/\bA800\b/i, 312e12],
   [/\bL40S\b/i, 362e12],
+  [/\bL40\b/i, 181e12],
   [/\bL4\b/i, 121e12],
 ]
 

@@ -8,7 +8,13 @@
  * every `--log-every` steps, which is the only moment the loop reads the loss back anyway.
  */
 import { Effect } from "effect"
-import { formatCount, formatDuration, formatPercent, formatValue } from "./report/format.ts"
+import {
+  formatCount,
+  formatDuration,
+  formatLearningRate,
+  formatPercent,
+  formatValue,
+} from "./report/format.ts"
 
 /** What one progress line shows (StepMetrics has all of it). */
 export interface ProgressFields {
@@ -44,6 +50,12 @@ export interface Progress {
   readonly end: Effect.Effect<void>
 }
 
+// Four significant digits with the trailing zeros kept, so the line does not jitter in width.
+const formatLoss = (v: number) => {
+  const a = Math.abs(v)
+  return Number.isFinite(v) && a >= 1e-2 && a < 1e5 ? v.toPrecision(4) : formatValue(v)
+}
+
 const bar = (fraction: number, width: number) => {
   const done = Math.max(0, Math.min(width, Math.round(fraction * width)))
   return `[${"#".repeat(done)}${"-".repeat(width - done)}]`
@@ -52,8 +64,8 @@ const bar = (fraction: number, width: number) => {
 /** The fields after the step count, identical in both styles. */
 const fields = (m: ProgressFields, total: number) => {
   const parts = [
-    `loss ${formatValue(m.loss)}`,
-    `lr ${m.learningRate.toExponential(2)}`,
+    `loss ${formatLoss(m.loss)}`,
+    `lr ${formatLearningRate(m.learningRate)}`,
     `${formatCount(m.tokensPerSecond)} tok/s`,
   ]
   if (m.mfu !== undefined) parts.push(`mfu ${formatPercent(m.mfu)}`)

@@ -31,6 +31,7 @@ import {
   warmupCosine,
 } from "../core/optim.ts"
 import { specFor } from "../core/partitionRules.ts"
+import { totalPeakFlops } from "../core/peakFlops.ts"
 import { isShardedArray, type ShardedArray, shardToHost } from "../core/shardedArray.ts"
 import { NamedSharding, P } from "../core/sharding.ts"
 import { makeLoraTrainStep, makeTrainStep } from "../core/train.ts"
@@ -266,6 +267,11 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   }) => Effect.Effect<void>
 }
 
+const peakFlopsOption = (names: ReadonlyArray<string>): { peakFlops?: number } => {
+  const peak = totalPeakFlops(names)
+  return peak === undefined ? {} : { peakFlops: peak }
+}
+
 /** Loads or initialises the model, builds data and optimizer, and runs the loop. */
 export const runTraining = (o: TrainOptions) =>
   Effect.gen(function* () {
@@ -416,6 +422,8 @@ export const runTraining = (o: TrainOptions) =>
       data,
       startStep,
       maxSteps: stopAt,
+      // MFU only where every device's peak is known: a CPU or an unlisted GPU shows none.
+      ...peakFlopsOption(mesh.devices.map((d) => devices.info[d]?.name ?? "")),
       ...(o.metricsFile ? { metricsFile: o.metricsFile } : {}),
       ...(o.logEvery ? { logEvery: o.logEvery } : {}),
       ...(o.onStep ? { onStep: o.onStep } : {}),

@@ -5,7 +5,7 @@
  */
 import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises"
 import { dirname, resolve } from "node:path"
-import { Effect, Exit, Schema } from "effect"
+import { Cause, Effect, Exit, Schema } from "effect"
 import type { StepMetrics } from "../Training.ts"
 import type { ReportRow } from "./html.ts"
 
@@ -38,6 +38,14 @@ export class MetricsLineInvalid extends Schema.TaggedError<MetricsLineInvalid>()
       `${this.path}, line ${this.line}: not a metrics line (${this.detail}). ` +
       'Each line must be a JSON object with at least "step" and "loss", as `magix train --metrics-file` writes'
     )
+  }
+}
+
+export class MetricsFileEmpty extends Schema.TaggedError<MetricsFileEmpty>()("MetricsFileEmpty", {
+  path: Schema.String,
+}) {
+  override get message() {
+    return `${this.path} holds no logged step yet: a run writes its first line at step --log-every`
   }
 }
 
@@ -88,9 +96,16 @@ export const rowFromMetrics = (m: StepMetrics): ReportRow =>
     ...(m.etaSeconds !== undefined ? { etaSeconds: m.etaSeconds } : {}),
   })
 
+const issueText = (cause: Cause.Cause<unknown>): string => {
+  const e = Cause.squash(cause)
+  // "Expected number\n  at ["step"]" reads better on one line.
+  return (e instanceof Error ? e.message : String(e)).replace(/\s*\n\s*at /, " at ")
+}
+
 /**
- * The rows of a metrics file in the order written. A last line without its newline is the
- * remainder of a killed run's write and is left out; any other bad line is an error naming it.
+ * The rows of a metrics file in the order written. A last line cut short without its newline (the
+ * remainder of a killed run's write, so not even JSON) is left out; any other bad line is an error
+ * naming the file and the line.
  */
 export const readMetricsFile = (path: string) =>
   Effect.gen(function* () {
@@ -104,19 +119,16 @@ export const readMetricsFile = (path: string) =>
     for (let i = 0; i < lines.length; i++) {
       const raw = lines[i]!.trim()
       if (raw === "") continue
-      const unterminated = i === lines.length - 1
       let json: unknown
       try {
         json = JSON.parse(raw)
       } catch (e) {
-        if (unterminated) break
+        if (i === lines.length - 1) break
         return yield* new MetricsLineInvalid({ path, line: i + 1, detail: (e as Error).message })
       }
       const decoded = decode(json)
-      if (Exit.isFailure(decoded)) {
-        if (unterminated) break
-        return yield* new MetricsLineInvalid({ path, line: i + 1, detail: "missing or mistyped fields" })
-      }
+      if (Exit.isFailure(decoded))
+        return yield* new MetricsLineInvalid({ path, line: i + 1, detail: issueText(decoded.cause) })
       rows.push(rowOf(decoded.value))
     }
     return rows as ReadonlyArray<ReportRow>

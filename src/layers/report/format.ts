@@ -35,6 +35,10 @@ export const formatValue = (v: number): string => {
   return String(Number(v.toPrecision(4)))
 }
 
+/** Always in exponent form, so that a warmup from 0 to 3e-4 keeps one shape on the line: `1.39e-4`. */
+export const formatLearningRate = (v: number): string =>
+  v === 0 || !Number.isFinite(v) ? formatValue(v) : v.toExponential(2)
+
 /** A fraction as a percentage with one decimal. */
 export const formatPercent = (fraction: number): string => `${(fraction * 100).toFixed(1)}%`
 

@@ -5,7 +5,15 @@
  * string that did not come from this module is escaped.
  */
 import { type ChartSeries, lineChart } from "./chart.ts"
-import { escapeHtml, formatBytes, formatCount, formatDuration, formatPercent, formatValue } from "./format.ts"
+import {
+  escapeHtml,
+  formatBytes,
+  formatCount,
+  formatDuration,
+  formatLearningRate,
+  formatPercent,
+  formatValue,
+} from "./format.ts"
 
 /** One logged step, as far as the report needs it (a metrics-file line, or a live step). */
 export interface ReportRow {
@@ -56,6 +64,8 @@ export interface RunSummary {
   readonly trainingSeconds?: number
   readonly tokens?: number
   readonly meanTokensPerSecond?: number
+  /** Over the logged steps that have one (none on a CPU: its peak is unknown). */
+  readonly meanMfu?: number
   readonly skippedSteps?: number
   readonly etaSeconds?: number
   readonly peakMemory?: number
@@ -99,6 +109,7 @@ export const summarize = (rows: ReadonlyArray<ReportRow>): RunSummary => {
   )
   const last = sorted.at(-1)
   const peaks = sorted.flatMap((r) => (r.peakMemory !== undefined ? [r.peakMemory] : []))
+  const mfus = sorted.flatMap((r) => (r.mfu !== undefined && Number.isFinite(r.mfu) ? [r.mfu] : []))
   return {
     ...(last ? { lastStep: last.step } : {}),
     ...(finite.length ? { finalLoss: finite.at(-1)!.loss } : {}),
@@ -107,6 +118,7 @@ export const summarize = (rows: ReadonlyArray<ReportRow>): RunSummary => {
     ...(trainingSeconds !== undefined ? { trainingSeconds } : {}),
     ...(tokens !== undefined && tokens > 0 ? { tokens } : {}),
     ...(tokens && trainingSeconds ? { meanTokensPerSecond: tokens / trainingSeconds } : {}),
+    ...(mfus.length ? { meanMfu: mfus.reduce((a, b) => a + b, 0) / mfus.length } : {}),
     ...(last?.skippedSteps !== undefined ? { skippedSteps: last.skippedSteps } : {}),
     ...(last?.etaSeconds !== undefined ? { etaSeconds: last.etaSeconds } : {}),
     ...(peaks.length ? { peakMemory: Math.max(...peaks) } : {}),
@@ -137,12 +149,20 @@ const charts = (rows: ReadonlyArray<ReportRow>): string[] => {
     lossSeries.push({ name: "moving average", points: smooth(loss), className: "s-trend" })
   const out = [lineChart(lossSeries, { title: "Loss" })]
   const optional: Array<[string, string, (r: ReportRow) => number | undefined, (v: number) => string]> = [
-    ["Learning rate", "s-lr", (r) => r.learningRate, formatValue],
+    ["Learning rate", "s-lr", (r) => r.learningRate, formatLearningRate],
     ["Tokens per second", "s-tps", (r) => r.tokensPerSecond, formatCount],
     ["Gradient norm (before clipping)", "s-grad", (r) => r.gradNorm, formatValue],
     ["Model FLOPs utilisation", "s-mfu", (r) => r.mfu, formatPercent],
-    ["Peak device memory", "s-mem", (r) => r.peakMemory, formatBytes],
   ]
+  // Memory in one binary unit, so that the axis ticks land on round numbers of it.
+  const memoryMax = Math.max(0, ...rows.map((r) => r.peakMemory ?? 0))
+  const [unit, scale] = memoryMax >= 2 ** 30 ? ["GiB", 2 ** 30] : ["MiB", 2 ** 20]
+  optional.push([
+    `Peak device memory (${unit})`,
+    "s-mem",
+    (r) => (r.peakMemory === undefined ? undefined : r.peakMemory / scale),
+    (v) => `${formatValue(v)} ${unit}`,
+  ])
   for (const [title, className, pick, format] of optional) {
     const points = seriesOf(rows, pick)
     // The learning rate is always drawn (an empty chart says it is missing); the rest only when logged.
@@ -150,6 +170,43 @@ const charts = (rows: ReadonlyArray<ReportRow>): string[] => {
       out.push(lineChart([{ name: title, points, className }], { title, format }))
   }
   return out
+}
+
+/** Evenly spaced rows, the first and the last always among them. */
+export const sampleRows = (rows: ReadonlyArray<ReportRow>, max: number): ReadonlyArray<ReportRow> => {
+  if (rows.length <= max) return rows
+  const out: ReportRow[] = []
+  for (let i = 0; i < max; i++) out.push(rows[Math.round((i * (rows.length - 1)) / (max - 1))]!)
+  return out
+}
+
+/** The logged values as numbers a person can read and copy (the curves are only shapes). */
+const stepsTable = (rows: ReadonlyArray<ReportRow>, max = 200): string => {
+  if (rows.length === 0) return ""
+  const shown = sampleRows(rows, max)
+  const columns: Array<readonly [string, (r: ReportRow) => number | undefined, (v: number) => string]> = [
+    ["loss", (r) => r.loss, formatValue],
+    ["learning rate", (r) => r.learningRate, formatLearningRate],
+    ["grad norm", (r) => r.gradNorm, formatValue],
+    ["tokens/s", (r) => r.tokensPerSecond, formatCount],
+    ["MFU", (r) => r.mfu, formatPercent],
+  ]
+  const used = columns.filter(([, pick]) => rows.some((r) => pick(r) !== undefined))
+  const head = `<tr><th>step</th>${used.map(([name]) => `<th>${name}</th>`).join("")}</tr>`
+  const body = shown
+    .map((r) => {
+      const cells = used.map(([, pick, format]) => {
+        const v = pick(r)
+        return `<td>${v === undefined ? "" : escapeHtml(format(v))}</td>`
+      })
+      return `<tr><td>${r.step}</td>${cells.join("")}</tr>`
+    })
+    .join("\n")
+  const note = shown.length < rows.length ? `, ${shown.length} of them shown evenly spaced` : ""
+  return (
+    `<details class="steps"><summary>Logged steps (${rows.length}${note})</summary>\n` +
+    `<table class="steps">\n${head}\n${body}\n</table></details>`
+  )
 }
 
 const summaryCards = (page: ReportPage, s: RunSummary): Array<readonly [string, string]> => {
@@ -163,11 +220,12 @@ const summaryCards = (page: ReportPage, s: RunSummary): Array<readonly [string, 
           : String(s.lastStep),
     ],
     ["final loss", s.finalLoss !== undefined ? formatValue(s.finalLoss) : "—"],
-    ["lowest loss", s.lowestLoss ? `${formatValue(s.lowestLoss[1])} (step ${s.lowestLoss[0]})` : "—"],
+    ["lowest loss", s.lowestLoss ? `${formatValue(s.lowestLoss[1])} @ ${s.lowestLoss[0]}` : "—"],
     ["training time", formatDuration(s.trainingSeconds)],
   ]
   if (s.meanTokensPerSecond !== undefined) cards.push(["mean tokens/s", formatCount(s.meanTokensPerSecond)])
   if (s.tokens !== undefined) cards.push(["tokens", formatCount(s.tokens)])
+  if (s.meanMfu !== undefined) cards.push(["mean MFU", formatPercent(s.meanMfu)])
   if (page.status === "running" && s.etaSeconds !== undefined)
     cards.push(["ETA", formatDuration(s.etaSeconds)])
   if (s.skippedSteps !== undefined) cards.push(["skipped steps", String(s.skippedSteps)])
@@ -210,6 +268,10 @@ table { border-collapse: collapse; width: 100%; background: var(--card); border:
 td { padding: 4px 10px; border-top: 1px solid var(--line); vertical-align: top; }
 tr:first-child td { border-top: none; }
 td.k { color: var(--muted); white-space: nowrap; width: 40%; } td.v { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; word-break: break-all; }
+details.steps { margin-top: 14px; } details.steps summary { cursor: pointer; color: var(--muted); }
+table.steps { margin-top: 8px; font-variant-numeric: tabular-nums; font-size: 12.5px; }
+table.steps th { text-align: right; padding: 4px 10px; color: var(--muted); font-weight: 600; }
+table.steps td { text-align: right; font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
 footer { margin-top: 28px; color: var(--muted); font-size: 12px; }
 `
 
@@ -254,6 +316,7 @@ ${cards}
 <div class="charts">
 ${charts(rows).join("\n")}
 </div>
+${stepsTable(rows)}
 <h2>Configuration</h2>
 <div class="config">
 ${sections}

@@ -13,6 +13,7 @@ import { readFileSync } from "node:fs"
 import { Cause, Effect, Exit, Option } from "effect"
 import type { Mesh } from "../../core/mesh.ts"
 import type { CausalLM } from "../../core/models/decoder.ts"
+import { totalPeakFlops } from "../../core/peakFlops.ts"
 import type { DeviceInfo } from "../Devices.ts"
 import type { StepMetrics } from "../Training.ts"
 import { readMetricsFile, rowFromMetrics, writeReport } from "./files.ts"
@@ -103,6 +104,13 @@ export const describeRun = (run: RunDescription): ReadonlyArray<ReportSection> =
     names.set(name, (names.get(name) ?? 0) + 1)
   }
   const memory = run.devices.find((d) => d.memory > 0)?.memory
+  const meshNames = run.mesh.devices.map((d) => run.devices[d]?.name ?? `device ${d}`)
+  const peak = totalPeakFlops(meshNames)
+  // Said outright, so that a page without an MFU curve does not read as a forgotten one.
+  const peakText =
+    peak !== undefined
+      ? `${formatCount(peak / 1e12)} TFLOP/s over the mesh (MFU is measured against it)`
+      : `unknown for ${meshNames[0] ?? "these devices"}: MFU not shown`
   return [
     { title: "Model", entries: model },
     {
@@ -112,6 +120,7 @@ export const describeRun = (run: RunDescription): ReadonlyArray<ReportSection> =
         ["platform", run.platform],
         ["devices", [...names].map(([n, k]) => `${k} × ${n}`).join(", ")],
         ...(memory !== undefined ? [["memory per device", formatBytes(memory)] as const] : []),
+        ["peak bf16 FLOP/s", peakText],
       ],
     },
     {
