@@ -15,8 +15,9 @@ import { trainProgram } from "../../programs/train.ts"
 import { Checkpointer } from "../../src/layers/Checkpointer.ts"
 import { CpuRuntime } from "../../src/layers/Devices.ts"
 import { Hub } from "../../src/layers/Hub.ts"
-import { embeddedTrainFile } from "../../src/layers/Training.ts"
+import { formatLearningRate, formatValue } from "../../src/layers/report/format.ts"
 import { openSafetensors } from "../../src/layers/SafetensorsFile.ts"
+import { embeddedTrainFile } from "../../src/layers/Training.ts"
 
 const root = join(import.meta.dirname, "..", "..")
 const magix = (args: string[], cwd = root) =>
@@ -89,7 +90,7 @@ const readParams = (dir: string) =>
 describe("magix", () => {
   it("lists its commands and each command's flags", () => {
     const top = magix(["--help"])
-    for (const c of ["train", "generate", "convert"]) expect(top).toContain(c)
+    for (const c of ["train", "generate", "convert", "report"]) expect(top).toContain(c)
     const train = magix(["train", "--help"])
     for (const f of [
       "--model-type",
@@ -99,9 +100,12 @@ describe("magix", () => {
       "--lora",
       "--max-steps",
       "--save-steps",
+      "--report",
     ])
       expect(train).toContain(f)
     expect(magix(["generate", "--help"])).toContain("--top-p")
+    const report = magix(["report", "--help"])
+    for (const f of ["--metrics-file", "--output"]) expect(report).toContain(f)
   })
 
   it("a mistake is one line with the fix and a non-zero exit", () => {
@@ -245,6 +249,73 @@ describe("magix", () => {
     await generate(join(loraDir, "lora"))
     expect(readFileSync(output, "utf8").trim().split("\n")).toHaveLength(4)
   }, 180_000)
+
+  it("--report writes a self-contained page of the run; `magix report` builds one from the metrics file, and a bad line is one error line", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "magix-report-"))
+    const metricsFile = join(dir, "m.jsonl")
+    const reportFile = join(dir, "pages", "run.html")
+    await runTrain(
+      trainFlags(dir, {
+        maxSteps: Option.some(6),
+        metricsFile: Option.some(metricsFile),
+        report: Option.some(reportFile),
+      }),
+    )
+    const logged = readFileSync(metricsFile, "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { step: number; loss: number; learningRate: number })
+    expect(logged.map((l) => l.step)).toEqual([1, 2, 3, 4, 5, 6])
+    const vertices = (html: string, series: string) => {
+      const m = html.match(new RegExp(`<path class="series ${series}"[^>]*data-points="(\\d+)" d="([^"]*)"`))
+      return m ? [Number(m[1]), (m[2]!.match(/[ML]/g) ?? []).length] : undefined
+    }
+    // The steps card: "6 / 6" on the live page; a metrics file does not know the planned total.
+    const checkPage = (html: string, steps: string) => {
+      expect(html).not.toMatch(/\b(?:src|href)\s*=\s*["']?(?:https?:)?\/\//i)
+      expect(html).not.toMatch(/<script\b|<link\b/i)
+      expect(vertices(html, "s-loss")).toEqual([6, 6])
+      expect(vertices(html, "s-lr")).toEqual([6, 6])
+      for (const l of logged) expect(html).toContain(`<td>${formatLearningRate(l.learningRate)}</td>`)
+      expect(html).toContain(`<div class="v">${steps}</div>`)
+      expect(html).toContain(`<div class="v">${formatValue(logged.at(-1)!.loss)}</div>`)
+    }
+    const live = readFileSync(reportFile, "utf8")
+    checkPage(live, "6 / 6")
+    expect(live).toContain("status-finished")
+    // The configuration: the flags as given, the model and the devices, and why there is no MFU.
+    for (const s of ["--max-steps", "hidden size", "data=2", "cpu:0", "MFU not shown"])
+      expect(live).toContain(s)
+
+    const rebuilt = join(dir, "rebuilt.html")
+    const said = execFileSync(
+      process.execPath,
+      [join(root, "bin", "magix.js"), "report", "--metrics-file", metricsFile, "--output", rebuilt],
+      { cwd: root, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] },
+    )
+    expect(said).toBe("")
+    const fromFile = readFileSync(rebuilt, "utf8")
+    checkPage(fromFile, "6")
+    expect(fromFile).toContain(metricsFile)
+
+    const bad = join(dir, "bad.jsonl")
+    const lines = readFileSync(metricsFile, "utf8").split("\n")
+    lines.splice(3, 1, '{"step": 4, "loss": "high"}')
+    writeFileSync(bad, lines.join("\n"))
+    let err: { status?: number; stderr?: string } = {}
+    try {
+      magix(["report", "--metrics-file", bad])
+    } catch (e) {
+      err = e as typeof err
+    }
+    expect(err.status).toBe(1)
+    const out = (err.stderr ?? "").trim().split("\n")
+    expect(out).toHaveLength(1)
+    expect(out[0]).toMatch(
+      new RegExp(`^magix: ${bad.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}, line 4: .*"loss"`),
+    )
+    expect(existsSync(join(dir, "bad.html"))).toBe(false)
+  }, 120_000)
 
   it("converts a checkpoint to the Hugging Face layout and back", async () => {
     const dir = mkdtempSync(join(tmpdir(), "magix-conv-"))
