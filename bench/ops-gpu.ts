@@ -13,52 +13,12 @@
  *   npx tsx bench/ops-gpu.ts          (MAGIX_BENCH_REPS sets the timed runs, default 20)
  * Prints a table and writes bench/results/ops-gpu-<date>.json (device, date, commit, numbers).
  */
-import { loadNative, type NativeBackend } from "../src/native/index.ts"
+import { BF16, F32, openGpu, timeAttention } from "./gpuOps.ts"
 import { printTable, writeResult } from "./report.ts"
 
-const addon = loadNative()
-const probe = addon.cudaProbe()
-if (probe.devices === 0) {
-  console.error(`no GPU: ${probe.error}`)
-  process.exit(1)
-}
-const gpu = probe.gpus[0]!
-const be: NativeBackend = addon.createCuda(1)
-const codes = new Map(be.opNames().map((n, i) => [n, i]))
-const exec = (op: string, bufs: ReadonlyArray<number>, args: ReadonlyArray<number>) => {
-  const code = codes.get(op)
-  if (code === undefined) throw new Error(`the CUDA backend has no op ${op}`)
-  be.exec(code, bufs, args)
-}
-
-const BF16 = 2
-const F32 = 0
-let key = 1
-/** A device buffer of n random normals (scaled by std) in bf16 or float32. */
-const randomBuffer = (n: number, dtype = BF16, std = 1) => {
-  const id = be.alloc(0, n * (dtype === BF16 ? 2 : 4))
-  exec("random_normal", [id], [dtype, key++, std, 1, n, 0, n])
-  return id
-}
-const emptyBuffer = (n: number, bytes: number) => be.alloc(0, n * bytes)
-
-const reps = Number(process.env.MAGIX_BENCH_REPS ?? 20)
-const elapsed = be.alloc(0, 8)
-/** Median milliseconds of `run` on the device, after warm-up. */
-const time = (run: () => void, warmup = 3): { ms: number; spread: number } => {
-  for (let i = 0; i < warmup; i++) run()
-  const times: number[] = []
-  for (let i = 0; i < reps; i++) {
-    exec("event_record", [], [0, 0])
-    run()
-    exec("event_record", [], [0, 1])
-    exec("event_elapsed", [elapsed], [0, 0, 1])
-    times.push(new Float64Array(be.read(elapsed, 0, 8).buffer.slice(0))[0]!)
-  }
-  times.sort((a, b) => a - b)
-  const median = times[Math.floor(times.length / 2)]!
-  return { ms: median, spread: (times[times.length - 1]! - times[0]!) / median }
-}
+const g = openGpu()
+const { gpu, probe, exec, randomBuffer, emptyBuffer, reps, time } = g
+const be = g.be
 
 interface Row {
   op: string
@@ -149,41 +109,19 @@ for (const [din, dout] of [
 }
 
 // ---- attention ----
-for (const [B, T, Hq, Hkv, hd] of [
+for (const shape of [
   [8, 2048, 32, 8, 64],
   [8, 2048, 16, 8, 128],
 ] as const) {
-  const qn = B * T * Hq * hd
-  const kn = B * T * Hkv * hd
-  const q = randomBuffer(qn)
-  const k = randomBuffer(kn)
-  const v = randomBuffer(kn)
-  const dO = randomBuffer(qn)
-  const o = emptyBuffer(qn, 2)
-  const lse = emptyBuffer(B * Hq * T, 4)
-  const [dq, dk, dv] = [emptyBuffer(qn, 2), emptyBuffer(kn, 2), emptyBuffer(kn, 2)]
-  const args = [BF16, B, T, T, Hq, Hkv, hd, 1 / Math.sqrt(hd), 1, 0, 0, 0, T]
-  const fwdFlops = (4 * B * Hq * T * T * hd) / 2
-  const shape = `B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} hd=${hd} causal`
-  const fwd = () => exec("attention_fwd", [q, k, v, o, lse], args)
-  const bwd = () => exec("attention_bwd", [q, k, v, o, lse, dO, dq, dk, dv], args)
-  report("attention fwd", shape, fwdFlops, time(fwd))
-  fwd()
-  report("attention bwd", shape, 2.5 * fwdFlops, time(bwd))
-  report(
-    "attention fwd+bwd",
-    shape,
-    3.5 * fwdFlops,
-    time(() => {
-      fwd()
-      bwd()
-    }),
-  )
-  for (const id of [q, k, v, dO, o, lse, dq, dk, dv]) be.free(id)
+  const [B, T, Hq, Hkv, hd] = shape
+  const t = timeAttention(g, shape)
+  const name = `B=${B} T=${T} Hq=${Hq} Hkv=${Hkv} hd=${hd} causal`
+  report("attention fwd", name, t.flops, t.forward)
+  report("attention bwd", name, 2.5 * t.flops, t.backward)
+  report("attention fwd+bwd", name, 3.5 * t.flops, t.both)
 }
 
-be.free(elapsed)
-be.dispose()
+g.close()
 console.log(
   `${gpu.name} (${gpu.multiprocessors} SMs, compute ${gpu.computeCapability}), bf16, median of ${reps} runs`,
 )
