@@ -5,6 +5,7 @@
 import { dirname, join, resolve } from "node:path"
 import { Effect, Layer, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
+import { defaultLossSpikePolicy } from "../src/core/stepGuard.ts"
 import { Checkpointer } from "../src/layers/Checkpointer.ts"
 import { CpuRuntime, DefaultRuntime, Devices } from "../src/layers/Devices.ts"
 import { saveHuggingFace } from "../src/layers/exportModel.ts"
@@ -110,6 +111,22 @@ export const trainFlags = {
   ),
   loraRank: Flag.Int("lora-rank").pipe(Flag.withDefault(8)),
   loraAlpha: Flag.Finite("lora-alpha").pipe(Flag.withDefault(32)),
+  skipLossSpikes: Flag.Boolean("skip-loss-spikes").pipe(
+    Flag.withDefault(false),
+    Flag.withDescription(
+      "skip the update of a step whose loss exceeds --loss-spike-factor times the mean of the last 32 (counted as skippedLossSpikes in the metrics)",
+    ),
+  ),
+  lossSpikeFactor: Flag.Finite("loss-spike-factor").pipe(
+    Flag.withDefault(defaultLossSpikePolicy.factor),
+    Flag.withDescription("what counts as a loss spike, with --skip-loss-spikes (default 3)"),
+  ),
+  maxNonFiniteSteps: Flag.Int("max-non-finite-steps").pipe(
+    Flag.withDefault(10),
+    Flag.withDescription(
+      "steps with NaN or Inf gradients are skipped; after more than this many in a row (or as many loss spikes) the run stops, its last checkpoint kept (default 10)",
+    ),
+  ),
 }
 
 type TrainFlags = {
@@ -171,6 +188,17 @@ export const trainProgram = (f: TrainFlags) =>
       logEvery: f.logEvery,
       bf16ModelWeights: f.bf16ModelWeights,
       ...(f.lora ? { lora: { rank: f.loraRank, alpha: f.loraAlpha } } : {}),
+      // Flags objects built in code (tests) may predate these flags: their defaults apply.
+      maxConsecutiveNonFinite: f.maxNonFiniteSteps ?? 10,
+      ...(f.skipLossSpikes
+        ? {
+            lossSpikes: {
+              ...defaultLossSpikePolicy,
+              factor: f.lossSpikeFactor ?? defaultLossSpikePolicy.factor,
+              maxConsecutive: f.maxNonFiniteSteps ?? 10,
+            },
+          }
+        : {}),
       onStart: (info) =>
         Effect.sync(() => {
           total = info.totalSteps

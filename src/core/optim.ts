@@ -138,7 +138,8 @@ export class TooManyNonFiniteSteps extends Schema.TaggedError<TooManyNonFiniteSt
   override get message() {
     return (
       `${this.consecutive} consecutive steps had NaN or Inf gradients (limit ${this.maxConsecutive}): ` +
-      "training has diverged; lower the learning rate, clip gradients, or resume from an earlier checkpoint"
+      "training has diverged; the last checkpoint is kept: lower --learning-rate or --max-grad-norm and " +
+      "rerun to resume from it (--max-non-finite-steps sets the limit)"
     )
   }
 }
@@ -169,7 +170,7 @@ export interface OptState {
   readonly nu: Readonly<Record<string, ShardedArray>>
   /**
    * float64 [8], replicated: updates applied, consecutive and total non-finite steps, last
-   * gradient norm, last learning rate.
+   * gradient norm, last learning rate, steps skipped as loss spikes.
    */
   readonly scalars: ShardedArray
 }
@@ -208,6 +209,8 @@ export interface OptScalars {
   readonly count: number
   readonly consecutiveNonFinite: number
   readonly totalNonFinite: number
+  /** Steps skipped as loss spikes (counted by core/stepGuard.ts, not by the kernel). */
+  readonly lossSpikes: number
   readonly gradNorm: number
   readonly learningRate: number
 }
@@ -219,6 +222,7 @@ export const readScalars = (state: OptState): OptScalars => {
     count: s[0]!,
     consecutiveNonFinite: s[1]!,
     totalNonFinite: s[2]!,
+    lossSpikes: s[5]!,
     gradNorm: s[3]!,
     learningRate: s[4]!,
   }

@@ -34,6 +34,14 @@ import { specFor } from "../core/partitionRules.ts"
 import { totalPeakFlops } from "../core/peakFlops.ts"
 import { isShardedArray, type ShardedArray, shardToHost } from "../core/shardedArray.ts"
 import { NamedSharding, P } from "../core/sharding.ts"
+import {
+  countLossSpike,
+  type LossSpikePolicy,
+  lossSpikeDetector,
+  makeGuardedStep,
+  poisonGradients,
+  TooManyLossSpikes,
+} from "../core/stepGuard.ts"
 import { makeLoraTrainStep, makeTrainStep } from "../core/train.ts"
 import { leaves, type Tree } from "../core/tree.ts"
 import { type ArrayTarget, Checkpointer, CheckpointMismatch } from "./Checkpointer.ts"
@@ -82,7 +90,10 @@ export interface StepMetrics {
   readonly tokensPerSecond: number
   /** Model FLOPs utilisation against `peakFlops`, when known. */
   readonly mfu?: number
+  /** Steps whose update was skipped for NaN or Inf gradients (over the whole run, resumes included). */
   readonly skippedSteps: number
+  /** Steps skipped as loss spikes (`--skip-loss-spikes`), likewise. */
+  readonly skippedLossSpikes?: number
   readonly elapsedSeconds: number
   readonly etaSeconds?: number
   readonly epoch: number
@@ -136,6 +147,15 @@ export interface LoopOptions {
   readonly onStep?: (m: StepMetrics) => Effect.Effect<void>
   /** Called after every step with the state (a checkpointer decides whether to save). */
   readonly afterStep?: (s: TrainState) => Effect.Effect<void, unknown>
+  /** Skip a step whose loss spikes, judged before its update (a host synchronisation per step). */
+  readonly lossSpikes?: LossSpikePolicy
+  /**
+   * Fault injection, for tests only: the steps (1-based) whose gradients are overwritten with NaN
+   * before the update, to exercise the non-finite guard end to end.
+   */
+  readonly injectNonFiniteGradients?: (step: number) => boolean
+  /** What the guarded step differentiates (LoRA passes its own); the model's loss by default. */
+  readonly lossFn?: (params: Params, batch: TokenBatch) => ShardedArray
 }
 
 /** FLOPs per token of a training step: 6·N + 12·L·d·T (parameters, layers, width, sequence). */
@@ -154,7 +174,43 @@ export const trainLoop = (o: LoopOptions) =>
   Effect.gen(function* () {
     const devices = yield* Devices
     const { engine } = devices
-    const step: StepFn = o.step ?? makeTrainStep(o.model, o.optimizer)
+    const plain: StepFn = o.step ?? makeTrainStep(o.model, o.optimizer)
+    const spikes = o.lossSpikes
+      ? { policy: o.lossSpikes, detector: lossSpikeDetector(o.lossSpikes) }
+      : undefined
+    const guarded =
+      spikes || o.injectNonFiniteGradients
+        ? makeGuardedStep(o.lossFn ?? ((p, b) => o.model.loss(p, b)), o.optimizer)
+        : undefined
+    let consecutiveSpikes = 0
+    // Whether to apply the update of step n, seen after its backward pass: an injected fault
+    // poisons the gradients (the optimizer must skip), a spike is skipped and counted here.
+    const decide = (n: number) => (loss: ShardedArray, grads: Params) =>
+      Effect.gen(function* () {
+        if (o.injectNonFiniteGradients?.(n)) {
+          poisonGradients(grads)
+          return true
+        }
+        if (!spikes) return true
+        const value = Number(shardToHost(loss, 0)[0])
+        if (!spikes.detector.isSpike(value)) {
+          consecutiveSpikes = 0
+          spikes.detector.accept(value)
+          return true
+        }
+        consecutiveSpikes++
+        if (consecutiveSpikes > spikes.policy.maxConsecutive)
+          return yield* new TooManyLossSpikes({
+            step: n,
+            consecutive: consecutiveSpikes,
+            loss: value,
+            mean: spikes.detector.mean(),
+          })
+        countLossSpike(o.optState)
+        return false
+      })
+    const step = (n: number, batch: TokenBatch) =>
+      guarded ? guarded(o.params, o.optState, batch, decide(n)) : plain(o.params, o.optState, batch)
     const logEvery = Math.max(1, o.logEvery ?? 1)
     const flops = flopsPerToken(o.model, o.data.plan.maxLength)
     if (o.metricsFile) {
@@ -175,7 +231,7 @@ export const trainLoop = (o: LoopOptions) =>
       if (Option.isNone(next)) break
       const host = next.value
       const placed = yield* placeBatch(engine, o.mesh, host)
-      const out = yield* step(o.params, o.optState, placed.batch).pipe(
+      const out = yield* step(stepIndex + 1, placed.batch).pipe(
         Effect.ensuring(Effect.sync(() => disposeBatch(placed.batch))),
       )
       stepIndex++
@@ -198,6 +254,7 @@ export const trainLoop = (o: LoopOptions) =>
           tokensPerSecond: tps,
           ...(o.peakFlops ? { mfu: (tps * flops) / o.peakFlops } : {}),
           skippedSteps: scalars.totalNonFinite,
+          ...(scalars.lossSpikes > 0 || spikes ? { skippedLossSpikes: scalars.lossSpikes } : {}),
           elapsedSeconds: elapsed,
           etaSeconds: perStep * (o.maxSteps - stepIndex),
           epoch: host.epoch,
@@ -257,6 +314,9 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   readonly bf16ModelWeights: boolean
   /** Train LoRA pairs of this rank (and alpha) on every layer projection, the base frozen. */
   readonly lora?: { readonly rank: number; readonly alpha: number }
+  readonly lossSpikes?: LossSpikePolicy
+  /** Tests only: see LoopOptions.injectNonFiniteGradients. */
+  readonly injectNonFiniteGradients?: (step: number) => boolean
   readonly onStep?: (m: StepMetrics) => Effect.Effect<void>
   readonly onStart?: (info: {
     readonly model: CausalLM
@@ -414,7 +474,15 @@ export const runTraining = (o: TrainOptions) =>
     const result = yield* trainLoop({
       model,
       params: trained,
-      ...(o.lora ? { step: makeLoraTrainStep(model, optimizer, params, o.lora.alpha) } : {}),
+      ...(o.lora
+        ? {
+            step: makeLoraTrainStep(model, optimizer, params, o.lora.alpha),
+            lossFn: (p: Params, b: TokenBatch) =>
+              model.loss(params, b, { lora: { params: p, alpha: o.lora!.alpha } }),
+          }
+        : {}),
+      ...(o.lossSpikes ? { lossSpikes: o.lossSpikes } : {}),
+      ...(o.injectNonFiniteGradients ? { injectNonFiniteGradients: o.injectNonFiniteGradients } : {}),
       optState,
       optimizer,
       schedule,
