@@ -13,7 +13,7 @@ import { describe, expect, it } from "vitest"
 import { peakFlopsOf, totalPeakFlops } from "../../src/core/peakFlops.ts"
 import { decimate, lineChart, niceTicks } from "../../src/layers/report/chart.ts"
 import { readMetricsFile, writeReport } from "../../src/layers/report/files.ts"
-import { formatDuration, formatLearningRate } from "../../src/layers/report/format.ts"
+import { formatDuration, formatLearningRate, formatValue } from "../../src/layers/report/format.ts"
 import { type ReportRow, renderReport, sampleRows, summarize } from "../../src/layers/report/html.ts"
 import { describeFlags, makeLiveReport } from "../../src/layers/report/liveReport.ts"
 import type { StepMetrics } from "../../src/layers/Training.ts"
@@ -117,7 +117,9 @@ describe("report page", () => {
     expect(s.lowestLoss![1]).toBe(Math.min(...rows.map((r) => r.loss)))
     expect(html).toContain("60 / 60")
     expect(html).toContain("final loss")
-    expect(html).toContain("lowest loss")
+    expect(html).toContain(
+      `lowest (step ${s.lowestLoss![0]})</div><div class="v">${formatValue(s.lowestLoss![1])}</div>`,
+    )
     expect(html).toContain("training time")
     expect(html).toContain(formatDuration(60 * 0.128))
     expect(html).toContain("--learning-rate")
@@ -182,6 +184,37 @@ describe("charts", () => {
     expect(kept.some(([s, v]) => s === 4321 && v === 100)).toBe(true)
     const svg = lineChart([{ name: "loss", points, className: "s-loss" }], { title: "Loss", maxPoints: 500 })
     expect(Number(svg.match(/data-points="(\d+)"/)![1])).toBe(kept.length)
+  })
+
+  it("a run of 300k logged steps renders (no spread of every value into Math.max)", () => {
+    const rows = Array.from({ length: 300_000 }, (_, i) => ({
+      step: i + 1,
+      loss: 2 + Math.cos(i),
+      learningRate: 1e-4,
+      peakMemory: 2 ** 33 + i,
+    }))
+    const h = page(rows)
+    expect(pathOf(h, "s-loss").vertices).toBeLessThanOrEqual(4000)
+    expect(h).toContain("Peak device memory (GiB)")
+    expect(summarize(rows).lastStep).toBe(300_000)
+  })
+
+  it("the steps axis ends at the last logged step", () => {
+    const svg = lineChart(
+      [
+        {
+          name: "loss",
+          points: [
+            [1, 3],
+            [360, 1],
+          ],
+          className: "s-loss",
+        },
+      ],
+      { title: "Loss", width: 640 },
+    )
+    // The last vertex sits on the right edge of the plot (width - right margin).
+    expect(svg).toMatch(/L624 \d/)
   })
 
   it("a single point is drawn as a dot", () => {

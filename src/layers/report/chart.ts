@@ -40,12 +40,28 @@ export const niceTicks = (lo: number, hi: number, count = 5): number[] => {
   return out
 }
 
-/** The range of the data widened to whole ticks, so the curve never touches the frame unlabelled. */
-const domain = (values: ReadonlyArray<number>, integer: boolean): [number, number] => {
-  let lo = Math.min(...values)
-  let hi = Math.max(...values)
+/** Smallest and largest, by a loop: spreading a long run's values into Math.min overflows the stack. */
+export const extent = (values: ReadonlyArray<number>): [number, number] => {
+  let lo = Number.POSITIVE_INFINITY
+  let hi = Number.NEGATIVE_INFINITY
+  for (const v of values) {
+    if (v < lo) lo = v
+    if (v > hi) hi = v
+  }
+  return [lo, hi]
+}
+
+/** The steps axis spans exactly the logged steps: widened to a round number it would show a run stopping short. */
+const stepDomain = (steps: ReadonlyArray<number>): [number, number] => {
+  const [lo, hi] = extent(steps)
+  return hi > lo ? [lo, hi] : [lo - 1, hi + 1]
+}
+
+/** The range of the values widened to whole ticks, so the curve never touches the frame unlabelled. */
+const valueDomain = (values: ReadonlyArray<number>): [number, number] => {
+  let [lo, hi] = extent(values)
   if (hi === lo) {
-    const pad = integer ? 1 : Math.abs(lo) * 0.1 || 1
+    const pad = Math.abs(lo) * 0.1 || 1
     lo -= pad
     hi += pad
   }
@@ -115,11 +131,8 @@ export const lineChart = (series: ReadonlyArray<ChartSeries>, options: ChartOpti
     )
   }
   const steps = series.flatMap((s) => s.points.map((p) => p[0]))
-  const [x0, x1] = domain(steps, true)
-  const [y0, y1] = domain(
-    all.map((p) => p[1]),
-    false,
-  )
+  const [x0, x1] = stepDomain(steps)
+  const [y0, y1] = valueDomain(all.map((p) => p[1]))
   const x = (v: number) => margin.left + ((v - x0) / (x1 - x0)) * plotW
   const y = (v: number) => margin.top + plotH - ((v - y0) / (y1 - y0)) * plotH
   const parts: string[] = [open]

@@ -4,7 +4,7 @@
  * configuration. Pure: the caller decides what goes in and where the page is written, and every
  * string that did not come from this module is escaped.
  */
-import { type ChartSeries, lineChart } from "./chart.ts"
+import { type ChartSeries, extent, lineChart } from "./chart.ts"
 import {
   escapeHtml,
   formatBytes,
@@ -121,7 +121,7 @@ export const summarize = (rows: ReadonlyArray<ReportRow>): RunSummary => {
     ...(mfus.length ? { meanMfu: mfus.reduce((a, b) => a + b, 0) / mfus.length } : {}),
     ...(last?.skippedSteps !== undefined ? { skippedSteps: last.skippedSteps } : {}),
     ...(last?.etaSeconds !== undefined ? { etaSeconds: last.etaSeconds } : {}),
-    ...(peaks.length ? { peakMemory: Math.max(...peaks) } : {}),
+    ...(peaks.length ? { peakMemory: extent(peaks)[1] } : {}),
   }
 }
 
@@ -155,7 +155,7 @@ const charts = (rows: ReadonlyArray<ReportRow>): string[] => {
     ["Model FLOPs utilisation", "s-mfu", (r) => r.mfu, formatPercent],
   ]
   // Memory in one binary unit, so that the axis ticks land on round numbers of it.
-  const memoryMax = Math.max(0, ...rows.map((r) => r.peakMemory ?? 0))
+  const memoryMax = extent(rows.map((r) => r.peakMemory ?? 0))[1]
   const [unit, scale] = memoryMax >= 2 ** 30 ? ["GiB", 2 ** 30] : ["MiB", 2 ** 20]
   optional.push([
     `Peak device memory (${unit})`,
@@ -220,7 +220,7 @@ const summaryCards = (page: ReportPage, s: RunSummary): Array<readonly [string, 
           : String(s.lastStep),
     ],
     ["final loss", s.finalLoss !== undefined ? formatValue(s.finalLoss) : "—"],
-    ["lowest loss", s.lowestLoss ? `${formatValue(s.lowestLoss[1])} @ ${s.lowestLoss[0]}` : "—"],
+    s.lowestLoss ? [`lowest (step ${s.lowestLoss[0]})`, formatValue(s.lowestLoss[1])] : ["lowest loss", "—"],
     ["training time", formatDuration(s.trainingSeconds)],
   ]
   if (s.meanTokensPerSecond !== undefined) cards.push(["mean tokens/s", formatCount(s.meanTokensPerSecond)])
