@@ -243,6 +243,8 @@ export interface Jitted<A extends unknown[], R> {
   (...args: A): Effect.Effect<R, DeviceError>
   /** Number of traces so far (a new layout of the inputs traces again). */
   readonly traces: number
+  /** Frees the buffers the traces keep; a later call traces again. */
+  readonly dispose: () => void
 }
 
 export const jit = <A extends unknown[], R>(
@@ -255,6 +257,8 @@ export const jit = <A extends unknown[], R>(
     throw new Error(`jit: donate names ${options.donate} do not all name parameters of the step (${names})`)
   const traces = new Map<string, Trace>()
   let count = 0
+  // Buffers the traces made and keep for every replay (constants of the step): this jit owns them.
+  const owned: Array<{ readonly backend: Backend; readonly id: BufferId }> = []
 
   const trace = (engine: Engine, args: A, key: string): R => {
     const recorder = new Recorder(engine.backend)
@@ -282,8 +286,10 @@ export const jit = <A extends unknown[], R>(
         !recorder.freed.has(c.slot) &&
         !resultSlots.has(c.slot) &&
         !inputSet.has(c.slot)
-      )
+      ) {
         captured.set(c.slot, recorder.traced[c.slot]!)
+        owned.push({ backend: engine.backend, id: recorder.traced[c.slot]! })
+      }
     // Buffers made before the trace (a model's caches) are used as they are; freeing one of them
     // later makes a replay fail with a typed error, never touch freed memory.
     for (const s of recorder.external) if (!inputSet.has(s)) captured.set(s, recorder.traced[s]!)
@@ -364,5 +370,11 @@ export const jit = <A extends unknown[], R>(
       return t ? replay(engine, t, args) : trace(engine, args, key)
     })
   Object.defineProperty(jitted, "traces", { get: () => count })
+  Object.defineProperty(jitted, "dispose", {
+    value: () => {
+      for (const { backend, id } of owned.splice(0)) backend.free(id)
+      traces.clear()
+    },
+  })
   return jitted as Jitted<A, R>
 }

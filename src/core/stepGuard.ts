@@ -111,7 +111,7 @@ export const makeGuardedStep = (
     },
     { donate: [0, 2] },
   )
-  return <E>(
+  const step = <E>(
     params: Params,
     optState: OptState,
     batch: TokenBatch,
@@ -128,4 +128,10 @@ export const makeGuardedStep = (
         Effect.ensuring(Effect.sync(() => Object.values(grads).forEach((g) => g.dispose()))),
       )
     })
+  return Object.assign(step, {
+    dispose: () => {
+      gradients.dispose()
+      update.dispose()
+    },
+  })
 }

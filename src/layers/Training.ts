@@ -170,11 +170,15 @@ const memoryOf = (devices: Devices["Service"], mesh: Mesh) => {
 }
 
 /** Runs steps until the data ends or maxSteps; returns the last metrics. */
-export const trainLoop = (o: LoopOptions) =>
-  Effect.gen(function* () {
+export const trainLoop = (o: LoopOptions) => {
+  // Jitted steps made here keep constant buffers on the devices: freed however the loop ends.
+  const disposers: Array<() => void> = []
+  return Effect.gen(function* () {
     const devices = yield* Devices
     const { engine } = devices
-    const plain: StepFn = o.step ?? makeTrainStep(o.model, o.optimizer)
+    const own = o.step ? undefined : makeTrainStep(o.model, o.optimizer)
+    if (own) disposers.push(own.dispose)
+    const plain: StepFn = o.step ?? own!
     const spikes = o.lossSpikes
       ? { policy: o.lossSpikes, detector: lossSpikeDetector(o.lossSpikes) }
       : undefined
@@ -182,6 +186,7 @@ export const trainLoop = (o: LoopOptions) =>
       spikes || o.injectNonFiniteGradients
         ? makeGuardedStep(o.lossFn ?? ((p, b) => o.model.loss(p, b)), o.optimizer)
         : undefined
+    if (guarded) disposers.push(guarded.dispose)
     let consecutiveSpikes = 0
     // Whether to apply the update of step n, seen after its backward pass: an injected fault
     // poisons the gradients (the optimizer must skip), a spike is skipped and counted here.
@@ -237,43 +242,45 @@ export const trainLoop = (o: LoopOptions) =>
       stepIndex++
       windowTokens += host.tokens
       totalTokens += host.tokens
-      if (stepIndex % logEvery === 0 || stepIndex === o.maxSteps) {
-        const loss = Number(shardToHost(out.loss, 0)[0])
-        const scalars = readScalars(o.optState)
-        yield* checkFinite(o.optimizer, scalars)
-        const now = performance.now()
-        const tps = (windowTokens / (now - windowStart)) * 1000
-        const elapsed = (now - start) / 1000
-        const perStep = elapsed / (stepIndex - (o.startStep ?? 0))
-        last = {
-          step: stepIndex,
-          loss,
-          learningRate: scalars.learningRate,
-          gradNorm: scalars.gradNorm,
-          tokens: totalTokens,
-          tokensPerSecond: tps,
-          ...(o.peakFlops ? { mfu: (tps * flops) / o.peakFlops } : {}),
-          skippedSteps: scalars.totalNonFinite,
-          ...(scalars.lossSpikes > 0 || spikes ? { skippedLossSpikes: scalars.lossSpikes } : {}),
-          elapsedSeconds: elapsed,
-          etaSeconds: perStep * (o.maxSteps - stepIndex),
-          epoch: host.epoch,
-          deviceMemory: memoryOf(devices, o.mesh),
+      // The loss is freed here, also when the metrics fail or the run is interrupted meanwhile.
+      yield* Effect.gen(function* () {
+        if (stepIndex % logEvery === 0 || stepIndex === o.maxSteps) {
+          const loss = Number(shardToHost(out.loss, 0)[0])
+          const scalars = readScalars(o.optState)
+          yield* checkFinite(o.optimizer, scalars)
+          const now = performance.now()
+          const tps = (windowTokens / (now - windowStart)) * 1000
+          const elapsed = (now - start) / 1000
+          const perStep = elapsed / (stepIndex - (o.startStep ?? 0))
+          last = {
+            step: stepIndex,
+            loss,
+            learningRate: scalars.learningRate,
+            gradNorm: scalars.gradNorm,
+            tokens: totalTokens,
+            tokensPerSecond: tps,
+            ...(o.peakFlops ? { mfu: (tps * flops) / o.peakFlops } : {}),
+            skippedSteps: scalars.totalNonFinite,
+            ...(scalars.lossSpikes > 0 || spikes ? { skippedLossSpikes: scalars.lossSpikes } : {}),
+            elapsedSeconds: elapsed,
+            etaSeconds: perStep * (o.maxSteps - stepIndex),
+            epoch: host.epoch,
+            deviceMemory: memoryOf(devices, o.mesh),
+          }
+          for (const d of o.mesh.devices) devices.backend.resetPeak(d)
+          windowStart = now
+          windowTokens = 0
+          if (o.metricsFile) {
+            const path = o.metricsFile
+            const line = `${JSON.stringify(last)}\n`
+            yield* Effect.tryPromise({
+              try: () => appendFile(path, line),
+              catch: (e) => new MetricsFileError({ path, detail: String(e) }),
+            })
+          }
+          if (o.onStep) yield* o.onStep(last)
         }
-        for (const d of o.mesh.devices) devices.backend.resetPeak(d)
-        windowStart = now
-        windowTokens = 0
-        if (o.metricsFile) {
-          const path = o.metricsFile
-          const line = `${JSON.stringify(last)}\n`
-          yield* Effect.tryPromise({
-            try: () => appendFile(path, line),
-            catch: (e) => new MetricsFileError({ path, detail: String(e) }),
-          })
-        }
-        if (o.onStep) yield* o.onStep(last)
-      }
-      out.loss.dispose()
+      }).pipe(Effect.ensuring(Effect.sync(() => out.loss.dispose())))
       if (o.afterStep)
         yield* o.afterStep({
           step: stepIndex,
@@ -283,7 +290,8 @@ export const trainLoop = (o: LoopOptions) =>
         })
     }
     return { lastMetrics: last, steps: stepIndex }
-  })
+  }).pipe(Effect.ensuring(Effect.sync(() => disposers.splice(0).forEach((d) => d()))))
+}
 
 // ---------- the whole program behind `magix train` ----------
 
@@ -471,12 +479,14 @@ export const runTraining = (o: TrainOptions) =>
         startStep,
         parameters: parameterCount(model.config),
       })
+    const loraStep = o.lora ? makeLoraTrainStep(model, optimizer, params, o.lora.alpha) : undefined
+    if (loraStep) yield* Effect.addFinalizer(() => Effect.sync(() => loraStep.dispose()))
     const result = yield* trainLoop({
       model,
       params: trained,
       ...(o.lora
         ? {
-            step: makeLoraTrainStep(model, optimizer, params, o.lora.alpha),
+            step: loraStep!,
             lossFn: (p: Params, b: TokenBatch) =>
               model.loss(params, b, { lora: { params: p, alpha: o.lora!.alpha } }),
           }
