@@ -12,6 +12,7 @@
 import json
 import os
 import sys
+from importlib.metadata import version
 
 import numpy as np
 import tensorstore as ts
@@ -36,7 +37,7 @@ def bf16_bits(x):
 
 
 rows = []
-report = {"tensorstore": ts.__version__, "transformers": transformers.__version__, "families": {}}
+report = {"tensorstore": version("tensorstore"), "transformers": transformers.__version__, "families": {}}
 for family in ["llama", "mistral", "gemma"]:
     d = os.path.join(root, family)
     magix = json.load(open(os.path.join(d, "magix.json")))
@@ -120,5 +121,5 @@ head = ("family", "tensorstore bit-exact", "f32 vs magix", "f32 vs ref", "bf16 v
 widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
 for r in [head] + rows:
     print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
-print(f"tensorstore {ts.__version__}, transformers {transformers.__version__}; wrote {out_json}")
+print(f"tensorstore {report['tensorstore']}, transformers {transformers.__version__}; wrote {out_json}")
 sys.exit(0 if all(f["ok"] for f in report["families"].values()) else 1)
