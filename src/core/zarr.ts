@@ -121,7 +121,7 @@ export const arrayMetadata = (
   fill_value: defaultFillValue(dtype),
   codecs: [{ name: "bytes", configuration: { endian: "little" } }, { name: "crc32c" }],
   attributes: { ...attributes },
-  dimension_names: null,
+  // dimension_names is left out: when present, Zarr v3 requires an array (tensorstore refuses null).
 })
 
 export const groupMetadata = (attributes: Readonly<Record<string, unknown>> = {}): GroupMetadata => ({
