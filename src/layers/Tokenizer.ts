@@ -172,11 +172,11 @@ export interface Tokenizer {
     (
       messages: ReadonlyArray<ChatMessage>,
       options: ChatTemplateOptions & { readonly tokenize: true },
-    ): Effect.Effect<number[], ChatTemplateMissing | ChatTemplateError>
+    ): Effect.Effect<number[], ChatTemplateMissing | ChatTemplateError | TokenizerFileInvalid>
     (
       messages: ReadonlyArray<ChatMessage>,
       options?: ChatTemplateOptions & { readonly tokenize?: false },
-    ): Effect.Effect<string, ChatTemplateMissing | ChatTemplateError>
+    ): Effect.Effect<string, ChatTemplateMissing | ChatTemplateError | TokenizerFileInvalid>
   }
   /** The chat template's text, synchronously, for loops over many documents; throws the typed error. */
   readonly renderChat: (
@@ -243,9 +243,37 @@ const pickTemplate = (source: TokenizerSource, config: Json): string | undefined
   return undefined
 }
 
+/** More ids than any vocabulary has (the largest are about 2^18); a larger id is damage. */
+const MAX_TOKEN_ID = 2 ** 24
+
+/**
+ * Checks the ids of tokenizer.json's vocabulary and added tokens before the library sees them:
+ * it sizes tables by the largest id, so one corrupt id of 2^31 would stall it for minutes.
+ */
+const checkTokenIds = (file: string, json: Json): void => {
+  const bad = (token: string, id: unknown) =>
+    new TokenizerFileInvalid({
+      file,
+      detail: `token ${JSON.stringify(token).slice(0, 40)} has id ${JSON.stringify(id)}, not an integer from 0 to ${MAX_TOKEN_ID}`,
+    })
+  const ok = (id: unknown) => Number.isSafeInteger(id) && (id as number) >= 0 && (id as number) < MAX_TOKEN_ID
+  const vocab = (json.model as { vocab?: unknown } | null | undefined)?.vocab
+  // BPE and WordPiece map tokens to ids; Unigram lists [token, score] pairs, ids being positions.
+  if (typeof vocab === "object" && vocab !== null && !Array.isArray(vocab))
+    for (const [token, id] of Object.entries(vocab)) if (!ok(id)) throw bad(token, id)
+  if (Array.isArray(vocab) && vocab.length > MAX_TOKEN_ID) throw bad(String(vocab.length), vocab.length)
+  const added = json.added_tokens
+  if (Array.isArray(added))
+    for (const t of added) {
+      const id = (t as { id?: unknown } | null)?.id
+      if (!ok(id)) throw bad(String((t as { content?: unknown } | null)?.content), id)
+    }
+}
+
 /** Builds the tokenizer from local files; throws the typed error. Used as is by worker threads. */
 export const tokenizerFromSource = (source: TokenizerSource): Tokenizer => {
   const json = readJson(source.tokenizerFile)
+  checkTokenIds(source.tokenizerFile, json)
   const config = source.configFile === undefined ? {} : readJson(source.configFile)
   const map = source.specialTokensMapFile === undefined ? {} : readJson(source.specialTokensMapFile)
   const configFile = source.configFile ?? source.specialTokensMapFile ?? source.tokenizerFile
@@ -275,10 +303,38 @@ export const tokenizerFromSource = (source: TokenizerSource): Tokenizer => {
     })
   }
 
+  // The library builds lazily: a damaged model, merge list or post-processor can throw, or hand
+  // back an id that is no integer, only when used. Either is this file's fault, said as such.
+  const usingFile = <A>(what: string, f: () => A): A => {
+    try {
+      return f()
+    } catch (e) {
+      if (isTokenizerError(e)) throw e
+      throw new TokenizerFileInvalid({
+        file: source.tokenizerFile,
+        detail: `${what} failed (${e instanceof Error ? e.message : String(e)})`,
+      })
+    }
+  }
+  const checkedIds = (what: string, ids: number[]): number[] => {
+    for (const id of ids)
+      if (!Number.isInteger(id))
+        throw new TokenizerFileInvalid({
+          file: source.tokenizerFile,
+          detail: `${what} produced a token that is not in the vocabulary (id ${String(id)})`,
+        })
+    return ids
+  }
+  const encodeIds = (text: string, addSpecialTokens: boolean): number[] =>
+    checkedIds(
+      "encoding",
+      usingFile("encoding", () => hf.encode(text, { add_special_tokens: addSpecialTokens }).ids),
+    )
+
   const idOf = (role: (typeof ROLES)[number]): number | undefined => {
     const text = specialTokens[`${role}_token`]
     if (text === undefined) return undefined
-    const id = hf.token_to_id(text)
+    const id = usingFile("looking up a special token", () => hf.token_to_id(text))
     if (id === undefined)
       throw new TokenizerSpecialTokenInvalid({
         file: configFile,
@@ -311,13 +367,13 @@ export const tokenizerFromSource = (source: TokenizerSource): Tokenizer => {
       if (typeof id === "number" && Number.isInteger(id) && !eosTokenIds.includes(id)) eosTokenIds.push(id)
   }
 
-  const vocabSize = hf.get_vocab(true).size
+  const vocabSize = usingFile("reading the vocabulary", () => hf.get_vocab(true).size)
   // A post-processor that already ends every sequence with EOS must not get a second one.
-  const processorAddsEos = eosTokenId !== undefined && hf.encode("").ids.at(-1) === eosTokenId
+  const processorAddsEos = eosTokenId !== undefined && encodeIds("", true).at(-1) === eosTokenId
 
   const encode = (text: string, options: EncodeOptions = {}): number[] => {
     const special = options.addSpecialTokens ?? true
-    const ids = hf.encode(text, { add_special_tokens: special }).ids
+    const ids = encodeIds(text, special)
     if (
       special &&
       (options.addEosToken ?? source.addEosToken) &&
@@ -330,7 +386,9 @@ export const tokenizerFromSource = (source: TokenizerSource): Tokenizer => {
   const decode = (ids: ArrayLike<number>, options: DecodeOptions = {}): string =>
     ids.length === 0
       ? ""
-      : hf.decode(Array.from(ids), { skip_special_tokens: options.skipSpecialTokens ?? false })
+      : usingFile("decoding", () =>
+          hf.decode(Array.from(ids), { skip_special_tokens: options.skipSpecialTokens ?? false }),
+        )
 
   const chatTemplate = pickTemplate(source, config)
   let compiled: Template | undefined
@@ -367,23 +425,25 @@ export const tokenizerFromSource = (source: TokenizerSource): Tokenizer => {
   function applyChatTemplate(
     messages: ReadonlyArray<ChatMessage>,
     options: ChatTemplateOptions & { readonly tokenize: true },
-  ): Effect.Effect<number[], ChatTemplateMissing | ChatTemplateError>
+  ): Effect.Effect<number[], ChatTemplateMissing | ChatTemplateError | TokenizerFileInvalid>
   function applyChatTemplate(
     messages: ReadonlyArray<ChatMessage>,
     options?: ChatTemplateOptions & { readonly tokenize?: false },
-  ): Effect.Effect<string, ChatTemplateMissing | ChatTemplateError>
+  ): Effect.Effect<string, ChatTemplateMissing | ChatTemplateError | TokenizerFileInvalid>
   function applyChatTemplate(
     messages: ReadonlyArray<ChatMessage>,
     options: ChatTemplateOptions = {},
-  ): Effect.Effect<string | number[], ChatTemplateMissing | ChatTemplateError> {
+  ): Effect.Effect<string | number[], ChatTemplateMissing | ChatTemplateError | TokenizerFileInvalid> {
     return attemptSync(
       () => {
         const text = renderChat(messages, options)
         // transformers encodes the rendered text without special tokens: the template has them.
-        return options.tokenize ? hf.encode(text, { add_special_tokens: false }).ids : text
+        return options.tokenize ? encodeIds(text, false) : text
       },
-      (e): e is ChatTemplateMissing | ChatTemplateError =>
-        e instanceof ChatTemplateMissing || e instanceof ChatTemplateError,
+      (e): e is ChatTemplateMissing | ChatTemplateError | TokenizerFileInvalid =>
+        e instanceof ChatTemplateMissing ||
+        e instanceof ChatTemplateError ||
+        e instanceof TokenizerFileInvalid,
     )
   }
 
