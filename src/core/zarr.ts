@@ -158,6 +158,13 @@ export const parseArrayMetadata = (
       return yield* fail(
         `chunk_shape [${chunk}] must be positive integers, one per dimension of [${meta.shape}]`,
       )
+    // A chunk reaching past the array holds only padding there; bounding it by the array keeps a
+    // corrupt chunk_shape from sizing a read buffer of terabytes.
+    const over = chunk.findIndex((c, d) => c > Math.max(1, meta.shape[d]!))
+    if (over >= 0)
+      return yield* fail(
+        `chunk_shape [${chunk}] is larger than the array [${meta.shape}] along dimension ${over}`,
+      )
     const sep = meta.chunk_key_encoding.configuration?.separator ?? "/"
     if (sep !== "/") return yield* fail(`chunk key separator "${sep}" (only "/" is read)`)
     if ((meta.storage_transformers ?? []).length > 0) return yield* fail("storage transformers are not read")

@@ -53,14 +53,12 @@ describe("config.json", () => {
         fc.oneof(
           fc.json(),
           fc.string(),
-          fc
-            .jsonValue()
-            .map((v) =>
-              JSON.stringify({
-                model_type: "llama",
-                ...(typeof v === "object" && v !== null && !Array.isArray(v) ? v : { v }),
-              }),
-            ),
+          fc.jsonValue().map((v) =>
+            JSON.stringify({
+              model_type: "llama",
+              ...(typeof v === "object" && v !== null && !Array.isArray(v) ? v : { v }),
+            }),
+          ),
         ),
         async (text) => {
           count("config.json")
