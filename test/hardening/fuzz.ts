@@ -50,12 +50,12 @@ export const settle = async <A, E, R = never>(
   options: {
     readonly timeoutMs?: number
     /** Runs the effect (a ManagedRuntime's runPromiseExit where it needs services). */
-    readonly run?: (e: Effect.Effect<A, E, R>) => Promise<Exit.Exit<A, E>>
+    readonly run?: (e: Effect.Effect<A, E, R>) => Promise<Exit.Exit<A, unknown>>
   } = {},
-): Promise<Exit.Exit<A, E>> => {
+): Promise<Exit.Exit<A, unknown>> => {
   const timeoutMs = options.timeoutMs ?? 5_000
   const run = options.run ?? ((e: Effect.Effect<A, E, R>) => Effect.runPromiseExit(e as Effect.Effect<A, E>))
-  const exit = await run(
+  const exit: Exit.Exit<A, unknown> = await run(
     effect.pipe(
       Effect.timeoutOrElse({ duration: timeoutMs, orElse: () => Effect.die(new HungError(timeoutMs)) }),
     ),
