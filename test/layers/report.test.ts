@@ -5,7 +5,7 @@
  * and, where Chromium is installed, the page rendered by a real browser.
  */
 import { execFileSync } from "node:child_process"
-import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs"
+import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { delimiter, join } from "node:path"
 import { Cause, Effect, Exit } from "effect"
@@ -340,10 +340,21 @@ describe("live report", () => {
     expect(e.message).toContain("--report")
   })
 
+  it.skipIf(!existsSync("/proc/self"))(
+    "a directory the file system refuses (under /proc) is an error, not a hang",
+    async () => {
+      const e = failureOf(await Effect.runPromiseExit(writeReport("/proc/magix-nope/sub/r.html", "x")))
+      expect(e).toMatchObject({ _tag: "ReportWriteFailed", path: "/proc/magix-nope/sub/r.html" })
+    },
+    10_000,
+  )
+
   it("writes atomically: no temporary file is left beside the page", async () => {
     const dir = tmp("atomic")
     await Effect.runPromise(writeReport(join(dir, "r.html"), page([])))
-    expect(existsSync(join(dir, "r.html"))).toBe(true)
+    await Effect.runPromise(writeReport(join(dir, "a", "b", "r.html"), page([])))
+    expect(readdirSync(dir).sort()).toEqual(["a", "r.html"])
+    expect(readdirSync(join(dir, "a", "b"))).toEqual(["r.html"])
     expect(readFileSync(join(dir, "r.html"), "utf8")).toContain("</html>")
   })
 })
