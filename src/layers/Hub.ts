@@ -432,11 +432,19 @@ const statOf = (p: string) =>
 const isFile = (p: string) => Effect.map(statOf(p), (s) => s?.isFile() === true)
 const isDirectory = (p: string) => Effect.map(statOf(p), (s) => s?.isDirectory() === true)
 
-/** Files under `dir`, relative and sorted; symlinks followed (cache snapshots are symlinks). */
+/**
+ * Files under `dir`, relative and sorted; symlinks followed (cache snapshots are symlinks), each
+ * real directory once: a link to a parent would otherwise be walked until ELOOP, doubling with
+ * every second such link.
+ */
 const walkFiles = (dir: string): Effect.Effect<ReadonlyArray<string>, HubCacheError> =>
   fsTry(dir, async () => {
     const out: string[] = []
+    const walked = new Set<string>()
     const visit = async (rel: string): Promise<void> => {
+      const real = await fs.realpath(path.join(dir, rel))
+      if (walked.has(real)) return
+      walked.add(real)
       for (const entry of await fs.readdir(path.join(dir, rel), { withFileTypes: true })) {
         const child = rel === "" ? entry.name : `${rel}/${entry.name}`
         // VCS data and huggingface_hub's local_dir metadata are not repository files.
@@ -484,6 +492,26 @@ const patternFilter = (options: SnapshotOptions) => {
 // ---------------------------------------------------------------------------------------------
 // Local directories
 
+/**
+ * Whether `target`, symlinks followed, stays inside the repository directory `dir`, or, for a
+ * Hugging Face cache snapshot (whose files link to `../../blobs`), inside that entry's blobs: a
+ * link in a repository must not hand out a file elsewhere on the machine.
+ */
+const staysInside = (dir: string, target: string): Effect.Effect<boolean> =>
+  Effect.promise(async () => {
+    const real = await fs.realpath(target).catch(() => undefined)
+    if (real === undefined) return false
+    const within = (root: string) => real === root || real.startsWith(root + path.sep)
+    const realDir = await fs.realpath(dir).catch(() => dir)
+    if (within(realDir)) return true
+    for (const d of new Set([dir, realDir]))
+      if (path.basename(path.dirname(d)) === "snapshots") {
+        const blobs = await fs.realpath(path.join(d, "..", "..", "blobs")).catch(() => undefined)
+        if (blobs !== undefined && within(blobs)) return true
+      }
+    return false
+  })
+
 /** A repo read from `dir`; errors name it `repo`, as the caller wrote it. */
 const localRepo = (dir: string, repo: string, repoType: RepoType | undefined) => {
   const type = repoType ?? "model"
@@ -492,6 +520,12 @@ const localRepo = (dir: string, repo: string, repoType: RepoType | undefined) =>
       Effect.gen(function* () {
         const rel = yield* checkRepoPath(repo, file)
         const target = path.join(dir, rel)
+        if ((yield* isFile(target)) && !(yield* staysInside(dir, target)))
+          return yield* new HubUnsafePath({
+            repo,
+            path: rel,
+            reason: "it is a link to a file outside the repository",
+          })
         if (yield* isFile(target)) return target
         return yield* new HubFileNotFound({ repo, repoType: type, revision: LOCAL, file: rel, source: dir })
       }),

@@ -195,11 +195,50 @@ const openParquet = async (file: string, name: string) => {
         fix: "Check that the download is complete, or convert the data to .jsonl",
       })
     })
+    checkParquetLayout(metadata, name)
     return { fd, buffer, metadata }
   } catch (e) {
     fs.closeSync(fd)
     throw e
   }
+}
+
+/**
+ * Checks that every column chunk of every row group is one leaf of the schema, once. hyparquet
+ * starts decoding each chunk of a read before it matches chunks to the schema, so a chunk that
+ * matches no leaf (or a second time) is decoded unobserved: damaged, it rejects with nobody
+ * listening, and an unhandled rejection ends the process.
+ */
+const checkParquetLayout = (metadata: FileMetaData, name: string): void => {
+  const bad = (detail: string) =>
+    new DatasetFormatUnsupported({
+      file: name,
+      detail: `not a readable Parquet file (${detail})`,
+      fix: "Check that the download is complete, or convert the data to .jsonl",
+    })
+  const leaves = new Set<string>()
+  try {
+    const visit = (node: ReturnType<typeof parquetSchema>) => {
+      if (node.children.length === 0) leaves.add(JSON.stringify(node.path))
+      for (const child of node.children) visit(child)
+    }
+    for (const child of parquetSchema(metadata).children) visit(child)
+  } catch (e) {
+    throw bad(`its schema cannot be read: ${describe(e)}`)
+  }
+  metadata.row_groups.forEach((group, g) => {
+    const seen = new Set<string>()
+    for (const column of group.columns) {
+      const path = column.meta_data?.path_in_schema
+      if (path === undefined) continue
+      const key = JSON.stringify(path)
+      if (!leaves.has(key) || seen.has(key))
+        throw bad(
+          `row group ${g} holds column ${path.join(".")}, which is not a column of its schema or appears twice`,
+        )
+      seen.add(key)
+    }
+  })
 }
 
 /** Top-level columns, and the codecs of the chosen one. */
