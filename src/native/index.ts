@@ -70,6 +70,11 @@ export interface NativeAddon {
   /** Copies a box between host arrays: args are rank, srcShape, srcStart, dstShape, dstStart, box. */
   copyBox(src: ArrayBufferView, dst: ArrayBufferView, elemSize: number, box: ReadonlyArray<number>): void
   cpuThreads(): number
+  /**
+   * Host memory for large device transfers, freed when collected: pinned where `pinned` and a GPU
+   * takes it, else huge-page-advised pageable memory (fresh pages fault in faster).
+   */
+  hostBuffer(bytes: number, pinned?: boolean): ArrayBuffer
   readonly abiVersion: number
   readonly withCuda: boolean
 }

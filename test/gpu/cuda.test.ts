@@ -130,6 +130,34 @@ describe.skipIf(!gpu)("CUDA runtime", () => {
     expect(typeof probe.nccl).toBe("number")
   })
 
+  it("host copies round-trip through every path: small, staged pageable, pinned, at offsets", () => {
+    const addon = loadNative()
+    const be = addon.createCuda(1)
+    try {
+      const n = (70 << 20) + 13 // three staging pieces and a ragged end
+      const id = be.alloc(0, n + 64)
+      const src = new Uint8Array(n)
+      for (let i = 0; i < n; i++) src[i] = (i * 2654435761) >>> 24
+      for (const [what, make] of [
+        ["pageable", (k: number) => new Uint8Array(k)],
+        ["pinned", (k: number) => new Uint8Array(addon.hostBuffer(k, true))],
+        ["huge-page", (k: number) => new Uint8Array(addon.hostBuffer(k, false))],
+      ] as const) {
+        const from = make(n)
+        from.set(src)
+        be.write(id, 64, from)
+        const back = make(n)
+        be.read(id, 64, n, back)
+        expect(Buffer.compare(back, src), what).toBe(0)
+        const small = be.read(id, 64 + 1000, 100)
+        expect(Buffer.compare(small, src.subarray(1000, 1100)), what).toBe(0)
+      }
+      be.free(id)
+    } finally {
+      be.dispose()
+    }
+  })
+
   it("out of memory is a typed error with the request, the free bytes and the largest allocations", async () => {
     const err = await onCuda(
       Effect.gen(function* () {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "check.h"
@@ -45,6 +46,7 @@ CudaBackend::CudaBackend(int devices) : Backend("cuda", devices) {
     lt_.push_back(nullptr);
     lt_ws_.push_back(nullptr);
   }
+  staging_.resize(devices);
 }
 
 CudaBackend::~CudaBackend() {
@@ -65,6 +67,10 @@ CudaBackend::~CudaBackend() {
     cudaSetDevice(d);
     if (lt_[d]) cublaslt().Destroy(lt_[d]);
     allocators_[d].reset();  // frees the scratch, the cuBLASLt workspace and every cached block
+    for (int k = 0; k < 2; ++k) {
+      if (staging_[d].slot[k]) cudaFreeHost(staging_[d].slot[k]);
+      if (staging_[d].done[k]) cudaEventDestroy(staging_[d].done[k]);
+    }
     cudaEventDestroy(events_[d]);
     cudaStreamDestroy(streams_[d]);
   }
@@ -208,21 +214,81 @@ static void check_range(const BufRef& b, size_t offset, size_t n, const char* wh
     invalid(std::string(what) + ": range leaves a buffer of " + std::to_string(b.bytes) + " bytes");
 }
 
+// Host memory that cudaHostAlloc made (hostBuffer with pinned): copies DMA straight from or into it.
+static bool pinned_host(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeHost;
+}
+
 void CudaBackend::write(const BufRef& dst, size_t offset, const void* src, size_t n) {
   check_range(dst, offset, n, "write");
   if (!n) return;
   CUDA_CHECK(cudaSetDevice(dst.device));
-  CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.ptr) + offset, src, n, cudaMemcpyHostToDevice, streams_[dst.device]));
+  cudaStream_t st = streams_[dst.device];
+  char* to = static_cast<char*>(dst.ptr) + offset;
+  if (n < kStagingMin || pinned_host(src)) {
+    CUDA_CHECK(cudaMemcpyAsync(to, src, n, cudaMemcpyHostToDevice, st));
+  } else {
+    // Fill one pinned slot while the other's DMA runs; a slot is refilled only after its last copy.
+    Staging& sg = staging(dst.device);
+    const char* from = static_cast<const char*>(src);
+    for (size_t off = 0, i = 0; off < n; off += kStagingPiece, ++i) {
+      const size_t len = std::min(kStagingPiece, n - off);
+      const int k = static_cast<int>(i & 1);
+      CUDA_CHECK(cudaEventSynchronize(sg.done[k]));
+      std::memcpy(sg.slot[k], from + off, len);
+      CUDA_CHECK(cudaMemcpyAsync(to + off, sg.slot[k], len, cudaMemcpyHostToDevice, st));
+      CUDA_CHECK(cudaEventRecord(sg.done[k], st));
+    }
+  }
   // The host buffer belongs to JavaScript and may move or be collected once we return.
-  CUDA_CHECK(cudaStreamSynchronize(streams_[dst.device]));
+  CUDA_CHECK(cudaStreamSynchronize(st));
 }
 
 void CudaBackend::read(const BufRef& src, size_t offset, void* dst, size_t n) {
   check_range(src, offset, n, "read");
   if (!n) return;
   CUDA_CHECK(cudaSetDevice(src.device));
-  CUDA_CHECK(cudaMemcpyAsync(dst, static_cast<const char*>(src.ptr) + offset, n, cudaMemcpyDeviceToHost, streams_[src.device]));
-  CUDA_CHECK(cudaStreamSynchronize(streams_[src.device]));
+  cudaStream_t st = streams_[src.device];
+  const char* from = static_cast<const char*>(src.ptr) + offset;
+  if (n < kStagingMin || pinned_host(dst)) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, from, n, cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    return;
+  }
+  // Piece i+1's DMA runs while piece i is copied out of its pinned slot.
+  Staging& sg = staging(src.device);
+  char* to = static_cast<char*>(dst);
+  const size_t pieces = (n + kStagingPiece - 1) / kStagingPiece;
+  auto issue = [&](size_t i) {
+    const size_t off = i * kStagingPiece;
+    const int k = static_cast<int>(i & 1);
+    CUDA_CHECK(cudaMemcpyAsync(sg.slot[k], from + off, std::min(kStagingPiece, n - off), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaEventRecord(sg.done[k], st));
+  };
+  issue(0);
+  for (size_t i = 0; i < pieces; ++i) {
+    if (i + 1 < pieces) issue(i + 1);
+    const int k = static_cast<int>(i & 1);
+    CUDA_CHECK(cudaEventSynchronize(sg.done[k]));
+    const size_t off = i * kStagingPiece;
+    std::memcpy(to + off, sg.slot[k], std::min(kStagingPiece, n - off));
+  }
+}
+
+CudaBackend::Staging& CudaBackend::staging(int device) {
+  Staging& sg = staging_[device];
+  if (!sg.slot[0]) {
+    for (int k = 0; k < 2; ++k) {
+      CUDA_CHECK(cudaHostAlloc(&sg.slot[k], kStagingPiece, cudaHostAllocDefault));
+      CUDA_CHECK(cudaEventCreateWithFlags(&sg.done[k], cudaEventDisableTiming));
+    }
+  }
+  return sg;
 }
 
 void CudaBackend::copy(const BufRef& dst, size_t dst_off, const BufRef& src, size_t src_off, size_t n) {
