@@ -8,7 +8,7 @@ import { execFileSync } from "node:child_process"
 import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { delimiter, join } from "node:path"
-import { Cause, Effect, Exit } from "effect"
+import { Cause, Effect, Exit, Fiber } from "effect"
 import { describe, expect, it } from "vitest"
 import { peakFlopsOf, totalPeakFlops } from "../../src/core/peakFlops.ts"
 import { decimate, lineChart, niceTicks } from "../../src/layers/report/chart.ts"
@@ -348,6 +348,18 @@ describe("live report", () => {
     },
     10_000,
   )
+
+  it("a write interrupted (Ctrl-C) completes first, so a later page is never overwritten by it", async () => {
+    const path = join(tmp("interrupt"), "deep", "er", "r.html")
+    await Effect.runPromise(
+      Effect.gen(function* () {
+        const fiber = yield* Effect.forkChild(writeReport(path, page(rowsOf(metrics(2000)))))
+        yield* Effect.yieldNow
+        yield* Fiber.interrupt(fiber)
+        expect(readFileSync(path, "utf8")).toContain("</html>")
+      }),
+    )
+  })
 
   it("writes atomically: no temporary file is left beside the page", async () => {
     const dir = tmp("atomic")

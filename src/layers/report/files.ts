@@ -158,10 +158,16 @@ const makeDirectories = async (dir: string) => {
     })
 }
 
-/** Writes the page atomically: beside the target, then renamed over it. */
+let writes = 0
+
+/**
+ * Writes the page atomically: beside the target, then renamed over it. Uninterruptible (a page is
+ * written in milliseconds): an interrupted write would go on unobserved and could rename its
+ * "running" page over the "interrupted" one written after it.
+ */
 export const writeReport = (path: string, html: string) => {
   const target = resolve(path)
-  const tmp = `${target}.tmp-${process.pid}`
+  const tmp = `${target}.tmp-${process.pid}-${writes++}`
   return Effect.tryPromise({
     try: async () => {
       await makeDirectories(dirname(target))
@@ -174,5 +180,5 @@ export const writeReport = (path: string, html: string) => {
       }
     },
     catch: (e) => new ReportWriteFailed({ path, detail: (e as NodeJS.ErrnoException).code ?? String(e) }),
-  })
+  }).pipe(Effect.uninterruptible)
 }
