@@ -6,7 +6,7 @@
  * same run; the issue's target is 80% of raw both ways.
  *
  *   npx tsx bench/checkpoint.ts [--params 1.24e9] [--layers N] [--vocab 128256] [--hidden 2048]
- *     [--intermediate 8192] [--dir /tmp] [--repeats 2] [--dd-gb G] [--no-verify] [--keep] [--cpu]
+ *     [--intermediate 8192] [--dir /tmp] [--repeats 2] [--dd-gb G] [--restore-arrays 2,8] [--no-verify] [--keep] [--cpu]
  *
  * --params picks the layer count that comes closest (--layers overrides it). A save is timed from
  * the call to the end of `wait` (snapshot to host memory, background write, every fsync and the
@@ -159,6 +159,11 @@ const program = Effect.gen(function* () {
   }
 
   const ckptDir = join(base, "ckpt")
+  const variantArrays = argString("restore-arrays", "")
+    .split(",")
+    .filter((x) => x !== "")
+    .map(Number)
+  const variants: Array<{ arrays: number; restore: number; cache: string }> = []
   const runs = yield* Effect.gen(function* () {
     const ckpt = yield* Checkpointer
     const out: Array<{
@@ -198,6 +203,25 @@ const program = Effect.gen(function* () {
           )
         : undefined
       for (const [, a] of back) a.dispose()
+      // --restore-arrays 2,8: the last step restored again (cold) with that many arrays at once.
+      if (step === repeats)
+        for (const n of variantArrays) {
+          const how = yield* coldCache(join(ckptDir, String(step)))
+          const v0 = performance.now()
+          const again = yield* Effect.gen(function* () {
+            return yield* (yield* Checkpointer).restore(step, targets)
+          }).pipe(Effect.provide(Checkpointer.layer({ directory: ckptDir, maxConcurrentArrays: n })))
+          for (let d = 0; d < mesh.size; d++) devices.backend.synchronize(mesh.devices[d]!)
+          variants.push({ arrays: n, restore: (performance.now() - v0) / 1000, cache: how })
+          console.error(`restore with ${n} arrays at once: ${variants.at(-1)!.restore.toFixed(2)} s`)
+          for (const a of [
+            ...Object.values(again.params),
+            ...Object.values(again.optState.mu),
+            ...Object.values(again.optState.nu),
+            again.optState.scalars,
+          ])
+            a.dispose()
+        }
       rmSync(join(ckptDir, String(step)), { recursive: true, force: true })
       out.push({
         save,
@@ -253,6 +277,16 @@ const program = Effect.gen(function* () {
       },
     )
   })
+  for (const v of variants) {
+    const gb = runs.at(-1)!.bytes / GB
+    rows.push({
+      what: `restore, ${v.arrays} arrays at once (cold cache: ${v.cache})`,
+      GB: gb,
+      s: v.restore,
+      "GB/s": gb / v.restore,
+      "of raw": `${((100 * gb) / v.restore / rawRead).toFixed(0)}%`,
+    })
+  }
   printTable(rows)
   const last = runs.at(-1)!
   const saveRatio = last.bytes / GB / last.save / rawWrite
@@ -284,6 +318,7 @@ const program = Effect.gen(function* () {
         saveOfRaw: r.bytes / GB / r.save / rawWrite,
         restoreOfRaw: r.bytes / GB / r.restore / rawRead,
       })),
+      restoreVariants: variants,
       target: TARGET,
       met: saveRatio >= TARGET && restoreRatio >= TARGET,
       verified: verify,
