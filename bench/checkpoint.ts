@@ -18,6 +18,9 @@
  * checked bit for bit against the saved arrays (crc32c of every array; --no-verify skips it).
  * Writes bench/results/checkpoint-<parameters in millions>M-<date>.json.
  */
+// As bin/magix.js: restores read many files at once (set before the first file operation).
+process.env.UV_THREADPOOL_SIZE ??= "16"
+
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs"
 import { freemem } from "node:os"
 import { join, resolve } from "node:path"
