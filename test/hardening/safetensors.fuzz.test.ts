@@ -6,17 +6,23 @@
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Effect } from "effect"
+import { Effect, Layer, ManagedRuntime } from "effect"
 import fc from "fast-check"
 import { afterAll, describe, it } from "vitest"
+import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
 import { parseHeader, parseIndex, serializeHeader } from "../../src/core/safetensors.ts"
+import { CpuRuntime } from "../../src/layers/Devices.ts"
+import { Hub } from "../../src/layers/Hub.ts"
+import { loadModelHub } from "../../src/layers/loadModel.ts"
 import { openModelWeights, openSafetensors } from "../../src/layers/SafetensorsFile.ts"
-import { fixtures } from "../helpers.ts"
+import { fixtures, mesh } from "../helpers.ts"
 import { count, fuzzParams, mutatedBytes, mutatedJsonText, reportCounts, settle } from "./fuzz.ts"
 
 const dir = mkdtempSync(join(tmpdir(), "magix-fuzz-st-"))
-afterAll(() => {
+const runtime = ManagedRuntime.make(Layer.mergeAll(CpuRuntime({ devices: 2 }), Hub.localDirectory(dir)))
+afterAll(async () => {
   reportCounts()
+  await runtime.dispose()
   rmSync(dir, { recursive: true, force: true })
 })
 
@@ -207,6 +213,54 @@ describe("safetensors index", () => {
         )
       }),
       fuzzParams(150),
+    )
+  })
+})
+
+describe("a model directory loaded onto devices", () => {
+  const loadTags = [
+    ...weightsTags,
+    "MissingParameter",
+    "ParameterShapeMismatch",
+    "ConfigFileUnreadable",
+    "InvalidConfig",
+    "UnsupportedConfig",
+    "ModelTypeMismatch",
+    "HeadsNotDivisible",
+    "IndivisibleDimension",
+    "DeviceOutOfMemory",
+  ]
+  const config = readFileSync(join(fixtures, "hf", "llama", "config.json"), "utf8")
+
+  it("loadModelHub: a mutated model.safetensors header or config.json places every parameter or fails with a typed error", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          mutatedBytes(fixture, headerEnd(fixture)).map((weights) => ({ weights, config })),
+          mutatedJsonText(config).map((c) => ({ weights: fixture, config: c })),
+        ),
+        async ({ weights, config }) => {
+          count("safetensors model load")
+          const model = fresh("model")
+          mkdirSync(model)
+          writeFileSync(join(model, "model.safetensors"), weights)
+          writeFileSync(join(model, "config.json"), config)
+          try {
+            await settle(
+              Effect.scoped(
+                Effect.asVoid(
+                  loadModelHub(LlamaForCausalLM, model, LlamaForCausalLM.partitionRules, mesh([2, 1])),
+                ),
+              ),
+              loadTags,
+              { run: (e) => runtime.runPromiseExit(e), timeoutMs: 20_000 },
+            )
+          } finally {
+            rmSync(model, { recursive: true, force: true })
+          }
+        },
+      ),
+      fuzzParams(40),
     )
   })
 })
