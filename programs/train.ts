@@ -221,7 +221,7 @@ export const trainProgram = (f: TrainFlags) =>
         tokenizerDir: dirname(result.tokenizer.source.tokenizerFile),
       })
     process.stderr.write(
-      `magix: ${result.steps} steps, final loss ${result.lastMetrics?.loss.toFixed(4) ?? "?"}; ${result.lora ? "LoRA adapter" : "model"} saved to ${out}\n` +
+      `magix: ${result.steps} steps, ${result.lastMetrics ? `final loss ${result.lastMetrics.loss.toFixed(4)}` : "none left to run (the checkpoint is already at the last step)"}; ${result.lora ? "LoRA adapter" : "model"} saved to ${out}\n` +
         (reportPath ? `magix: report written to ${resolve(reportPath)}\n` : "") +
         (embedded ? "magix: now try `npx magix generate` to see what it learned\n" : ""),
     )
