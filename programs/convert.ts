@@ -68,7 +68,11 @@ export const convertProgram = (f: ConvertFlags) =>
     const fromHf = opt(f.fromHf)
     if (fromHf) {
       const { model, params } = yield* loadModelHub(Model, fromHf, Model.partitionRules, mesh)
-      yield* ckpt.save(0, { params }, { rules: Model.partitionRules, modelConfig: configToJson(model.config) })
+      yield* ckpt.save(
+        0,
+        { params },
+        { rules: Model.partitionRules, modelConfig: configToJson(model.config) },
+      )
       yield* ckpt.wait
       process.stderr.write(`magix: ${fromHf} imported as step 0 of ${ckpt.directory}\n`)
       return
