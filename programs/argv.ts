@@ -16,7 +16,9 @@ export const normalizeArgv = (argv: ReadonlyArray<string>): string[] => {
     }
     if (listFlags.has(a)) {
       const values: string[] = []
-      while (i + 1 < argv.length && /^-?\d+$/.test(argv[i + 1]!)) values.push(argv[++i]!)
+      // `2 -1`, `2,-1` and `2, -1` all name the same mesh
+      while (i + 1 < argv.length && /^-?\d+(,-?\d+)*,?$/.test(argv[i + 1]!))
+        values.push(argv[++i]!.replace(/,$/, ""))
       out.push(a, values.join(","))
       continue
     }
