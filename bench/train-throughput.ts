@@ -9,12 +9,13 @@
  * successors, so the loss can fall from ln(128256) ≈ 11.8 towards ln 4 ≈ 1.39. The run fails if
  * a loss is not finite or the last five steps' mean is not below the first five's.
  *   npx tsx bench/train-throughput.ts [--batch 8] [--seq 2048] [--steps 10] [--layers 16]
+ *     [--model 3b] [--remat]       the Llama-3.2-3B shape; activation checkpointing
  *     [--with baseline.json,...]   rows measured by bench/baselines/*.py in the same call
  * bench/train-compare.sh runs Magix, PyTorch eager, torch.compile and JAX side by side.
  */
 import { existsSync, readFileSync } from "node:fs"
 import { Effect, Layer } from "effect"
-import { parseConfig } from "../src/core/config.ts"
+import { parameterCount, parseConfig } from "../src/core/config.ts"
 import { disposeBatch, type HostTokenBatch, placeBatch } from "../src/core/models/batch.ts"
 import { LlamaForCausalLM } from "../src/core/models/decoder.ts"
 import { initParams } from "../src/core/models/init.ts"
@@ -33,6 +34,24 @@ const B = arg("batch", 8)
 const T = arg("seq", 2048)
 const STEPS = arg("steps", 10)
 const LAYERS = arg("layers", 16)
+// --remat: activation checkpointing (each layer recomputed in the backward pass)
+const REMAT = process.argv.includes("--remat")
+// --model 3b: the Llama-3.2-3B shape (width 3072, 28 layers, 24 heads of 128, 8 KV heads)
+const SHAPE = process.argv.includes("3b")
+  ? {
+      hidden_size: 3072,
+      intermediate_size: 8192,
+      num_hidden_layers: arg("layers", 28),
+      num_attention_heads: 24,
+      head_dim: 128,
+    }
+  : {
+      hidden_size: 2048,
+      intermediate_size: 8192,
+      num_hidden_layers: LAYERS,
+      num_attention_heads: 32,
+      head_dim: 64,
+    }
 const WARMUP = 2
 
 const program = Effect.gen(function* () {
@@ -42,12 +61,8 @@ const program = Effect.gen(function* () {
   const config = yield* parseConfig({
     model_type: "llama",
     vocab_size: 128256,
-    hidden_size: 2048,
-    intermediate_size: 8192,
-    num_hidden_layers: LAYERS,
-    num_attention_heads: 32,
+    ...SHAPE,
     num_key_value_heads: 8,
-    head_dim: 64,
     max_position_embeddings: 131072,
     rms_norm_eps: 1e-5,
     tie_word_embeddings: true,
@@ -69,7 +84,7 @@ const program = Effect.gen(function* () {
     adamw({ lr: warmupCosine({ peak: 3e-4, warmup: 10, total: 1000 }), weightDecay: 0.1 }),
   )
   const optState = yield* initializeOptState(optimizer, params, LlamaForCausalLM.partitionRules, mesh)
-  const step = makeTrainStep(model, optimizer)
+  const step = makeTrainStep(model, optimizer, { remat: REMAT })
   let state = 7
   const next = () => {
     state = (Math.imul(state, 1103515245) + 12345) >>> 0
@@ -121,7 +136,7 @@ const program = Effect.gen(function* () {
   const tps = (B * T * 1000) / ms
   const peak = (yield* devices.memory(0)).peak
   const row = {
-    framework: "magix-ts",
+    framework: REMAT ? "magix-ts (remat)" : "magix-ts",
     batch: B,
     sequence: T,
     "step ms": ms,
@@ -146,7 +161,7 @@ const program = Effect.gen(function* () {
   console.log(`losses ${losses.map((l) => l.toFixed(3)).join(" ")}`)
   const device = devices.info[0]?.name ?? devices.platform
   console.log(
-    `wrote ${writeResult(`train-throughput-s${T}-b${B}`, device, { model: "Llama-3.2-1B shape", layers: LAYERS, ...row, healthy, losses, stepTimesMs: times, baselines })}`,
+    `wrote ${writeResult(`train-throughput${process.argv.includes("3b") ? "-3b" : ""}${REMAT ? "-remat" : ""}-s${T}-b${B}`, device, { model: process.argv.includes("3b") ? "Llama-3.2-3B shape" : "Llama-3.2-1B shape", ...SHAPE, parameters: parameterCount(config), remat: REMAT, ...row, healthy, losses, stepTimesMs: times, baselines })}`,
   )
   if (!healthy) process.exitCode = 1
 })

@@ -85,6 +85,12 @@ export const trainFlags = {
     Flag.withDescription("e.g. --mesh-shape 2 2 (data, model); -1 takes the rest"),
   ),
   bf16ModelWeights: Flag.Boolean("bf16-model-weights").pipe(Flag.withDefault(false)),
+  gradientCheckpointing: Flag.Boolean("gradient-checkpointing").pipe(
+    Flag.withDefault(false),
+    Flag.withDescription(
+      "recompute each layer's activations in the backward pass: much less memory for about a third more compute",
+    ),
+  ),
   maxSteps: Flag.Int("max-steps").pipe(Flag.optional, Flag.withDescription("stop after this many steps")),
   cpuDevices: Flag.Int("cpu-devices").pipe(
     Flag.optional,
@@ -187,6 +193,7 @@ export const trainProgram = (f: TrainFlags) =>
       ...(opt(f.metricsFile) ? { metricsFile: opt(f.metricsFile)! } : {}),
       logEvery: f.logEvery,
       bf16ModelWeights: f.bf16ModelWeights,
+      gradientCheckpointing: f.gradientCheckpointing,
       ...(f.lora ? { lora: { rank: f.loraRank, alpha: f.loraAlpha } } : {}),
       // Flags objects built in code (tests) may predate these flags: their defaults apply.
       maxConsecutiveNonFinite: f.maxNonFiniteSteps ?? 10,

@@ -80,6 +80,54 @@ const accumulate = (
   cts.set(x, a)
 }
 
+/**
+ * Walks `tape` backwards from the cotangents in `cts` (keyed by array), accumulating the
+ * cotangents of every tracked array into `cts`. Intermediates made on the tape are freed as soon
+ * as no remaining node needs them; arrays in `keep` (the differentiated inputs, the value) are not.
+ */
+export const backprop = (
+  engine: Engine,
+  tape: Tape,
+  cts: Map<ShardedArray, ShardedArray>,
+  keep: ReadonlySet<ShardedArray>,
+): void => {
+  // How many unprocessed nodes still use each array (as input, or as an output their
+  // backward rule may read): at zero an intermediate can be freed before the pass ends.
+  const users = new Map<ShardedArray, number>()
+  for (const n of tape.nodes)
+    for (const x of [...n.inputs, ...n.outputs]) if (x) users.set(x, (users.get(x) ?? 0) + 1)
+  for (let k = tape.nodes.length - 1; k >= 0; k--) {
+    const node = tape.nodes[k]!
+    const outCts = node.outputs.map((o) => cts.get(o))
+    // A rule may hand an output's cotangent on unchanged (a cast to the same dtype).
+    const passed = new Set<ShardedArray>()
+    if (outCts.some((c) => c !== undefined)) {
+      const inCts = node.backward(outCts)
+      node.inputs.forEach((x, i) => {
+        const ct = inCts[i]
+        if (!ct) return
+        if (x && tape.tracked.has(x)) {
+          passed.add(ct)
+          accumulate(engine, cts, x, ct)
+        } else if (!outCts.includes(ct)) ct.dispose()
+      })
+    }
+    for (const o of node.outputs) {
+      if (keep.has(o)) continue
+      const c = cts.get(o)
+      if (c && !passed.has(c)) c.dispose()
+      cts.delete(o)
+    }
+    for (const x of [...node.inputs, ...node.outputs]) {
+      if (!x) continue
+      const left = users.get(x)! - 1
+      users.set(x, left)
+      // Only arrays made inside f (tracked, not parameters) are ours to free.
+      if (left === 0 && tape.tracked.has(x) && !keep.has(x) && !cts.has(x)) x.dispose()
+    }
+  }
+}
+
 export interface ValueAndGrad<P> {
   readonly value: ShardedArray
   /** Gradients with the structure and shardings of the parameters. */
@@ -116,42 +164,7 @@ export const valueAndGrad =
         seed.constant = 1
         cts.set(value, seed)
       }
-      // How many unprocessed nodes still use each array (as input, or as an output their
-      // backward rule may read): at zero an intermediate can be freed before the pass ends.
-      const users = new Map<ShardedArray, number>()
-      for (const n of tape.nodes)
-        for (const x of [...n.inputs, ...n.outputs]) if (x) users.set(x, (users.get(x) ?? 0) + 1)
-      const keep = new Set<ShardedArray>([...leaves, value])
-      for (let k = tape.nodes.length - 1; k >= 0; k--) {
-        const node = tape.nodes[k]!
-        const outCts = node.outputs.map((o) => cts.get(o))
-        // A rule may hand an output's cotangent on unchanged (a cast to the same dtype).
-        const passed = new Set<ShardedArray>()
-        if (outCts.some((c) => c !== undefined)) {
-          const inCts = node.backward(outCts)
-          node.inputs.forEach((x, i) => {
-            const ct = inCts[i]
-            if (!ct) return
-            if (x && tape.tracked.has(x)) {
-              passed.add(ct)
-              accumulate(engine, cts, x, ct)
-            } else if (!outCts.includes(ct)) ct.dispose()
-          })
-        }
-        for (const o of node.outputs) {
-          if (keep.has(o)) continue
-          const c = cts.get(o)
-          if (c && !passed.has(c)) c.dispose()
-          cts.delete(o)
-        }
-        for (const x of [...node.inputs, ...node.outputs]) {
-          if (!x) continue
-          const left = users.get(x)! - 1
-          users.set(x, left)
-          // Only arrays made inside f (tracked, not parameters) are ours to free.
-          if (left === 0 && tape.tracked.has(x) && !keep.has(x) && !cts.has(x)) x.dispose()
-        }
-      }
+      backprop(engine, tape, cts, new Set<ShardedArray>([...leaves, value]))
       const grads = mapWithPath(params, isShardedArray, (_, p) => {
         const ct = cts.get(p)
         if (!ct) return fillArray(engine, p.shape, p.dtype, p.sharding, 0)

@@ -24,9 +24,11 @@ export class Engine {
   tape: Tape | undefined
 
   private current: Backend
+  private readonly base: Backend
 
   constructor(backend: Backend, comms?: CollectiveBackend) {
     this.current = backend
+    this.base = backend
     this.collectives = new Collectives(comms)
   }
 
@@ -55,12 +57,20 @@ export class Engine {
     return d
   }
 
-  /** Runs fn with no tidy block in effect: what it makes lives until disposed explicitly. */
+  /**
+   * Runs fn with no tidy block in effect: what it makes lives until disposed explicitly, by
+   * whoever made it (a model's RoPE table, a KV cache). It also bypasses a jit recording: such a
+   * cache made during a trace is one the step uses as it is, not a constant the trace owns (and
+   * would free with it while its maker still holds it).
+   */
   untracked<T>(fn: () => T): T {
     this.arenas.push(null)
+    const prev = this.current
+    this.current = this.base
     try {
       return fn()
     } finally {
+      this.current = prev
       this.arenas.pop()
     }
   }

@@ -15,25 +15,37 @@ export interface StepResult {
   readonly loss: ShardedArray
 }
 
+export interface StepOptions {
+  /** Recompute each layer's activations in the backward pass (activation checkpointing). */
+  readonly remat?: boolean
+}
+
 /** The loss and update of one batch, unjitted (for tests and for steps that change shape). */
 export const trainStepFn =
-  (model: CausalLM, optimizer: Optimizer) =>
+  (model: CausalLM, optimizer: Optimizer, options: StepOptions = {}) =>
   (params: Params, optState: OptState, batch: TokenBatch): StepResult => {
-    const { value, grads } = valueAndGrad((p: Params) => model.loss(p, batch))(params)
+    const remat = options.remat ?? false
+    const { value, grads } = valueAndGrad((p: Params) => model.loss(p, batch, { remat }))(params)
     applyUpdates(optimizer, params, grads, optState)
     for (const g of Object.values(grads)) g.dispose()
     return { params, optState, loss: value }
   }
 
 /** The jitted train step: traced on the first batch of a shape, replayed after. */
-export const makeTrainStep = (model: CausalLM, optimizer: Optimizer) =>
-  jit(trainStepFn(model, optimizer), { donate: [0, 1] })
+export const makeTrainStep = (model: CausalLM, optimizer: Optimizer, options: StepOptions = {}) =>
+  jit(trainStepFn(model, optimizer, options), { donate: [0, 1] })
 
 /**
  * A LoRA train step: the base parameters are frozen (closed over, never donated), only the
  * adapter pairs get gradients and updates.
  */
-export const makeLoraTrainStep = (model: CausalLM, optimizer: Optimizer, base: Params, alpha: number) =>
+export const makeLoraTrainStep = (
+  model: CausalLM,
+  optimizer: Optimizer,
+  base: Params,
+  alpha: number,
+  options: StepOptions = {},
+) =>
   jit(
     (
       lora: Params,
@@ -41,7 +53,7 @@ export const makeLoraTrainStep = (model: CausalLM, optimizer: Optimizer, base: P
       batch: TokenBatch,
     ): { lora: Params; optState: OptState; loss: ShardedArray } => {
       const { value, grads } = valueAndGrad((p: Params) =>
-        model.loss(base, batch, { lora: { params: p, alpha } }),
+        model.loss(base, batch, { lora: { params: p, alpha }, remat: options.remat ?? false }),
       )(lora)
       applyUpdates(optimizer, lora, grads, optState)
       for (const g of Object.values(grads)) g.dispose()

@@ -156,6 +156,8 @@ export interface LoopOptions {
   readonly injectNonFiniteGradients?: (step: number) => boolean
   /** What the guarded step differentiates (LoRA passes its own); the model's loss by default. */
   readonly lossFn?: (params: Params, batch: TokenBatch) => ShardedArray
+  /** Recompute each layer's activations in the backward pass (activation checkpointing). */
+  readonly remat?: boolean
 }
 
 /** FLOPs per token of a training step: 6·N + 12·L·d·T (parameters, layers, width, sequence). */
@@ -176,7 +178,8 @@ export const trainLoop = (o: LoopOptions) => {
   return Effect.gen(function* () {
     const devices = yield* Devices
     const { engine } = devices
-    const own = o.step ? undefined : makeTrainStep(o.model, o.optimizer)
+    const remat = o.remat ?? false
+    const own = o.step ? undefined : makeTrainStep(o.model, o.optimizer, { remat })
     if (own) disposers.push(own.dispose)
     const plain: StepFn = o.step ?? own!
     const spikes = o.lossSpikes
@@ -184,7 +187,7 @@ export const trainLoop = (o: LoopOptions) => {
       : undefined
     const guarded =
       spikes || o.injectNonFiniteGradients
-        ? makeGuardedStep(o.lossFn ?? ((p, b) => o.model.loss(p, b)), o.optimizer)
+        ? makeGuardedStep(o.lossFn ?? ((p, b) => o.model.loss(p, b, { remat })), o.optimizer)
         : undefined
     if (guarded) disposers.push(guarded.dispose)
     let consecutiveSpikes = 0
@@ -320,6 +323,8 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   readonly logEvery?: number
   readonly dataWorkers?: number
   readonly bf16ModelWeights: boolean
+  /** Activation checkpointing: recompute each layer in the backward pass (less memory, ~1/3 more compute). */
+  readonly gradientCheckpointing?: boolean
   /** Train LoRA pairs of this rank (and alpha) on every layer projection, the base frozen. */
   readonly lora?: { readonly rank: number; readonly alpha: number }
   readonly lossSpikes?: LossSpikePolicy
@@ -357,6 +362,8 @@ export const runTraining = (o: TrainOptions) =>
       ? embeddedModelDir
       : yield* (yield* Hub).snapshot(o.modelName!, { allowPatterns: ["config.json"] })
     const model = yield* loadModelConfig(Model, configDir)
+    // The model's own device arrays (RoPE tables, made on first use) go when the run ends.
+    yield* Effect.addFinalizer(() => Effect.sync(() => model.dispose()))
     // The base parameters: from the checkpoint when resuming full training; otherwise fresh (the
     // embedded model, seeded) or from the Hub. LoRA training never checkpoints them.
     const baseFromCheckpoint = Option.isSome(latest) && !o.lora
@@ -479,7 +486,8 @@ export const runTraining = (o: TrainOptions) =>
         startStep,
         parameters: parameterCount(model.config),
       })
-    const loraStep = o.lora ? makeLoraTrainStep(model, optimizer, params, o.lora.alpha) : undefined
+    const remat = o.gradientCheckpointing ?? false
+    const loraStep = o.lora ? makeLoraTrainStep(model, optimizer, params, o.lora.alpha, { remat }) : undefined
     if (loraStep) yield* Effect.addFinalizer(() => Effect.sync(() => loraStep.dispose()))
     const result = yield* trainLoop({
       model,
@@ -488,9 +496,10 @@ export const runTraining = (o: TrainOptions) =>
         ? {
             step: loraStep!,
             lossFn: (p: Params, b: TokenBatch) =>
-              model.loss(params, b, { lora: { params: p, alpha: o.lora!.alpha } }),
+              model.loss(params, b, { lora: { params: p, alpha: o.lora!.alpha }, remat }),
           }
         : {}),
+      remat,
       ...(o.lossSpikes ? { lossSpikes: o.lossSpikes } : {}),
       ...(o.injectNonFiniteGradients ? { injectNonFiniteGradients: o.injectNonFiniteGradients } : {}),
       optState,

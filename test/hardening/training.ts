@@ -35,6 +35,7 @@ export const tinyOptions: TrainOptions = {
   packing: false,
   dataWorkers: 0,
   bf16ModelWeights: false,
+  gradientCheckpointing: false,
 }
 
 /** The layers `magix train --cpu-devices 2` runs on, checkpointing into `directory`. */

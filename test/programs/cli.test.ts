@@ -50,6 +50,7 @@ const trainFlags = (checkpointDir: string, extra: Record<string, unknown> = {}) 
   seed: 42,
   meshShape: "2,1",
   bf16ModelWeights: false,
+  gradientCheckpointing: false,
   maxSteps: Option.some(8),
   cpuDevices: Option.some(2),
   metricsFile: none as Option.Option<string>,

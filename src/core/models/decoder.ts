@@ -4,6 +4,7 @@
  * √D, normalises with (1 + w) and gates with tanh-GELU; Mistral attends within a sliding window.
  * Sharding never appears here: the ops follow whatever shardings the parameters and batch have.
  */
+
 import { Effect, Schema } from "effect"
 import { boxArgs } from "../backend.ts"
 import type { ModelConfig, ModelType } from "../config.ts"
@@ -25,6 +26,7 @@ import { statsDtype } from "../ops/local.ts"
 import { rmsnorm } from "../ops/rmsnorm.ts"
 import { rope } from "../ops/rope.ts"
 import { matchRule, type PartitionRules, specFor } from "../partitionRules.ts"
+import { remat } from "../remat.ts"
 import { allocateArray, fromHost, type ShardedArray } from "../shardedArray.ts"
 import { NamedSharding, P } from "../sharding.ts"
 import { ropeInverseFrequencies } from "./ropeFrequencies.ts"
@@ -60,6 +62,12 @@ export interface LoraAdapter {
 export interface ForwardOptions {
   readonly cache?: KVCache
   readonly lora?: LoraAdapter
+  /**
+   * Recompute each layer's activations in the backward pass instead of keeping them (activation
+   * checkpointing, as `gradient_checkpointing` in transformers): memory for one layer's input per
+   * layer, at the cost of a second forward pass of every layer. Ignored outside a gradient.
+   */
+  readonly remat?: boolean
 }
 
 /** A training batch on the mesh: next-token targets (< 0 ignored) and per-token loss weights. */
@@ -218,7 +226,7 @@ export class CausalLM {
     // float32 tables under bfloat16 compute: bfloat16 angles drift at long positions.
     const freqs = this.frequencies(h.mesh, statsDtype(h.dtype), h.engine)
     const act = gluActivation(c)
-    for (let i = 0; i < c.numHiddenLayers; i++) {
+    const layer = (i: number, h: ShardedArray): ShardedArray => {
       const pre = `model.layers.${i}.`
       const a = rmsnorm(h, p(`${pre}input_layernorm.weight`), c.rmsNormEps, offset)
       const q = rope(
@@ -242,10 +250,22 @@ export class CausalLM {
             keyLength: cache.length + q.shape[1]!,
           })
         : attention(q, k, v, { causal: true, window, ...(inputs.keyMask ? { keyMask: inputs.keyMask } : {}) })
-      h = add(h, proj(mergeHeads(o), `${pre}self_attn.o_proj.weight`))
-      const m = rmsnorm(h, p(`${pre}post_attention_layernorm.weight`), c.rmsNormEps, offset)
+      const r = add(h, proj(mergeHeads(o), `${pre}self_attn.o_proj.weight`))
+      const m = rmsnorm(r, p(`${pre}post_attention_layernorm.weight`), c.rmsNormEps, offset)
       const f = glu(proj(m, `${pre}mlp.gate_proj.weight`), proj(m, `${pre}mlp.up_proj.weight`), act)
-      h = add(h, proj(f, `${pre}mlp.down_proj.weight`))
+      return add(r, proj(f, `${pre}mlp.down_proj.weight`))
+    }
+    for (let i = 0; i < c.numHiddenLayers; i++) {
+      if (options.remat && !cache) {
+        // Everything the layer may differentiate: its input, its weights and its LoRA pairs.
+        const pre = `model.layers.${i}.`
+        const own = (table: Readonly<Record<string, ShardedArray>> | undefined) =>
+          Object.entries(table ?? {})
+            .filter(([k]) => k.startsWith(pre))
+            .map(([, a]) => a)
+        const x = h
+        h = remat([x, ...own(params), ...own(lora?.params)], () => layer(i, x))
+      } else h = layer(i, h)
     }
     if (cache) cache.length += inputs.inputIds.shape[1]!
     return rmsnorm(h, p("model.norm.weight"), c.rmsNormEps, offset)
