@@ -58,6 +58,7 @@ import {
 } from "../core/zarr.ts"
 import { hostBuffer } from "../native/hostMemory.ts"
 import { Devices } from "./Devices.ts"
+import { makeDirectories } from "./makeDirectories.ts"
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -182,7 +183,7 @@ export const nodeIO: CheckpointIO = {
     }
   },
   mkdir: async (path) => {
-    await fs.mkdir(path, { recursive: true })
+    await makeDirectories(path)
   },
   fsyncDir: async (path) => {
     const h = await fs.open(path, "r")

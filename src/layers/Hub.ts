@@ -27,6 +27,7 @@ import {
   modelInfo,
 } from "@huggingface/hub"
 import { Context, type Duration, Effect, Layer, Option, Redacted, Schedule, Schema } from "effect"
+import { makeDirectories } from "./makeDirectories.ts"
 
 export type RepoType = "model" | "dataset"
 
@@ -280,11 +281,11 @@ export class Hub extends Context.Service<
             const rel = yield* checkRepoPath(repo, file)
             const target = path.join(root, ref.name, rel)
             yield* fsTry(target, async () => {
-              await fs.mkdir(path.dirname(target), { recursive: true })
+              await makeDirectories(path.dirname(target))
               await fs.writeFile(target, content)
             })
           }
-          yield* fsTry(root, () => fs.mkdir(path.join(root, ref.name), { recursive: true }))
+          yield* fsTry(root, () => makeDirectories(path.join(root, ref.name)))
         }
         return makeDirectoryHub(root)
       }),
@@ -785,7 +786,7 @@ const makeRemoteHub = (env: HubEnvironment, options: HubOptions) =>
         const current = yield* Effect.promise(() => fs.readFile(refPath, "utf8").catch(() => ""))
         if (current.trim() !== sha)
           yield* fsTry(refPath, async () => {
-            await fs.mkdir(path.dirname(refPath), { recursive: true })
+            await makeDirectories(path.dirname(refPath))
             await fs.writeFile(refPath, sha)
           })
         commits.set(keyOf(ref, revision), sha)
@@ -878,7 +879,7 @@ const makeRemoteHub = (env: HubEnvironment, options: HubOptions) =>
           Effect.tapError((e) =>
             e._tag === "HubFileNotFound"
               ? Effect.promise(async () => {
-                  await fs.mkdir(path.dirname(noExist), { recursive: true }).catch(() => undefined)
+                  await makeDirectories(path.dirname(noExist)).catch(() => undefined)
                   await fs.writeFile(noExist, "").catch(() => undefined)
                 })
               : Effect.void,
@@ -939,7 +940,7 @@ const makeRemoteHub = (env: HubEnvironment, options: HubOptions) =>
           (group) => Effect.forEach(group, (f) => download(ref, revision, commit, f.path), { discard: true }),
           { concurrency, discard: true },
         )
-        yield* fsTry(dir, () => fs.mkdir(dir, { recursive: true }))
+        yield* fsTry(dir, () => makeDirectories(dir))
         return dir
       })
 

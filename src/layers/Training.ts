@@ -3,7 +3,8 @@
  * fresh from a config), the data stream, the optimizer and its sharded state, then the loop of
  * jitted steps, with metrics and (through the Checkpointer) saves and exact resume.
  */
-import { appendFile, mkdir } from "node:fs/promises"
+import { constants } from "node:fs"
+import { access, appendFile } from "node:fs/promises"
 import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Effect, Option, Schema } from "effect"
@@ -51,6 +52,7 @@ import type { BatchStream } from "./data/BatchStream.ts"
 import { makeBatchStream } from "./data/BatchStream.ts"
 import { Hub } from "./Hub.ts"
 import { loadModelConfig, loadModelHub } from "./loadModel.ts"
+import { makeDirectories } from "./makeDirectories.ts"
 import { loadTokenizer } from "./Tokenizer.ts"
 
 export interface Hyperparameters {
@@ -107,6 +109,15 @@ export class MetricsFileError extends Schema.TaggedError<MetricsFileError>()("Me
 }) {
   override get message() {
     return `cannot write metrics to ${this.path} (${this.detail}): check --metrics-file`
+  }
+}
+
+export class CheckpointDirectoryUnusable extends Schema.TaggedError<CheckpointDirectoryUnusable>()(
+  "CheckpointDirectoryUnusable",
+  { directory: Schema.String, detail: Schema.String },
+) {
+  override get message() {
+    return `the checkpoint directory ${this.directory} cannot be created or written (${this.detail}): choose another --checkpoint-dir`
   }
 }
 
@@ -224,7 +235,7 @@ export const trainLoop = (o: LoopOptions) => {
     if (o.metricsFile) {
       const path = o.metricsFile
       yield* Effect.tryPromise({
-        try: () => mkdir(dirname(path), { recursive: true }),
+        try: () => makeDirectories(dirname(path)),
         catch: (e) => new MetricsFileError({ path, detail: String(e) }),
       })
     }
@@ -350,6 +361,18 @@ export const runTraining = (o: TrainOptions) =>
   Effect.gen(function* () {
     const devices = yield* Devices
     const ckpt = yield* Checkpointer
+    // Found out now, not at the first save after hours of training.
+    yield* Effect.tryPromise({
+      try: async () => {
+        await makeDirectories(ckpt.directory)
+        await access(ckpt.directory, constants.W_OK)
+      },
+      catch: (e) =>
+        new CheckpointDirectoryUnusable({
+          directory: ckpt.directory,
+          detail: (e as NodeJS.ErrnoException).code ?? String(e),
+        }),
+    })
     const mesh = yield* createDeviceMesh(o.meshShape)
     const Model = modelClassFor(o.modelType)
     const rules = Model.partitionRules

@@ -4,7 +4,7 @@
  * float32 or bfloat16; the tokenizer's files are copied alongside when given. One parameter is
  * gathered to the host at a time, so host memory is bounded by the largest parameter plus a shard.
  */
-import { copyFile, mkdir, readdir, rename, rm, writeFile } from "node:fs/promises"
+import { copyFile, readdir, rename, rm, writeFile } from "node:fs/promises"
 import { join } from "node:path"
 import { Effect, Schema } from "effect"
 import { configToJson } from "../core/config.ts"
@@ -13,6 +13,7 @@ import type { CausalLM, Params } from "../core/models/decoder.ts"
 import { makeIndex } from "../core/safetensors.ts"
 import { numel } from "../core/shape.ts"
 import { toHost } from "../core/shardedArray.ts"
+import { makeDirectories } from "./makeDirectories.ts"
 import { type TensorData, writeSafetensors } from "./SafetensorsFile.ts"
 
 export class ExportFailed extends Schema.TaggedError<ExportFailed>()("ExportFailed", {
@@ -56,7 +57,7 @@ export const saveHuggingFace = (
     const dtype: DType = options.dtype ?? "float32"
     const maxShard = options.maxShardBytes ?? 5 * 10 ** 9
     const tmp = `${directory}.tmp-${process.pid}-${Date.now()}`
-    yield* Effect.tryPromise({ try: () => mkdir(tmp, { recursive: true }), catch: io(directory) })
+    yield* Effect.tryPromise({ try: () => makeDirectories(tmp), catch: io(directory) })
     const shapes = model.parameterShapes
     // Plan shards by size first, so file names can say how many there are.
     const groups: Array<Array<readonly [string, ReadonlyArray<number>]>> = [[]]

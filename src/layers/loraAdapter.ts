@@ -4,7 +4,7 @@
  * target_modules) and adapter_model.safetensors with keys
  * `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
  */
-import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises"
+import { readFile, rename, rm, writeFile } from "node:fs/promises"
 import { join } from "node:path"
 import { Effect, Schema } from "effect"
 import { convertHost } from "../core/dtype.ts"
@@ -15,6 +15,7 @@ import { type PartitionRules, specFor } from "../core/partitionRules.ts"
 import { makeArrayFromSlices, type ShardedArray, toHost } from "../core/shardedArray.ts"
 import { NamedSharding } from "../core/sharding.ts"
 import { Devices } from "./Devices.ts"
+import { makeDirectories } from "./makeDirectories.ts"
 import { openSafetensors, writeSafetensors } from "./SafetensorsFile.ts"
 
 export class LoraAdapterInvalid extends Schema.TaggedError<LoraAdapterInvalid>()("LoraAdapterInvalid", {
@@ -51,7 +52,7 @@ export const saveLoraAdapter = (lora: LoraParams, alpha: number, directory: stri
     const tmp = `${directory}.tmp-${process.pid}`
     const io = (e: unknown) =>
       new LoraAdapterInvalid({ directory, detail: e instanceof Error ? e.message : String(e) })
-    yield* Effect.tryPromise({ try: () => mkdir(tmp, { recursive: true }), catch: io })
+    yield* Effect.tryPromise({ try: () => makeDirectories(tmp), catch: io })
     yield* writeSafetensors(
       join(tmp, "adapter_model.safetensors"),
       names.map((n) => ({

@@ -25,6 +25,8 @@ const magix = (args: string[], cwd = root) =>
     cwd,
     encoding: "utf8",
     stdio: ["ignore", "pipe", "pipe"],
+    // A hang fails the test instead of stalling the suite (a synchronous call cannot be interrupted).
+    timeout: 120_000,
   })
 
 const none = Option.none()
@@ -131,6 +133,23 @@ describe("magix", () => {
       .filter((l) => l.startsWith("magix:"))
     expect(lines.at(-1)).toContain("/nonexistent/data.jsonl")
     expect(err.stderr).not.toContain("    at ")
+  })
+
+  it("a checkpoint directory that cannot be made is one line before any step, not a hang", () => {
+    let err: { status?: number; stderr?: string } = {}
+    const file = join(mkdtempSync(join(tmpdir(), "magix-cli-")), "a-file")
+    writeFileSync(file, "")
+    // Under /proc, Node 20's recursive mkdir spun forever; through a file it is ENOTDIR.
+    for (const dir of ["/proc/magix-nope/x", join(file, "x")]) {
+      try {
+        magix(["train", "--max-steps", "2", "--checkpoint-dir", dir])
+      } catch (e) {
+        err = e as typeof err
+      }
+      expect(err.status).toBe(1)
+      expect(err.stderr).toContain(`the checkpoint directory ${dir} cannot be created or written`)
+      expect(err.stderr).not.toContain("step 1/")
+    }
   })
 
   it("trains with metrics and checkpoints; a run killed mid-way resumes to the same parameters as a straight run", async () => {

@@ -3,9 +3,10 @@
  * report rows, and writing the page so that a reader never sees half of it (written beside the
  * target, then renamed over it: the page is refreshed while a browser may have it open).
  */
-import { mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises"
+import { readFile, rename, rm, writeFile } from "node:fs/promises"
 import { dirname, resolve } from "node:path"
 import { Cause, Effect, Exit, Schema } from "effect"
+import { makeDirectories } from "../makeDirectories.ts"
 import type { StepMetrics } from "../Training.ts"
 import type { ReportRow } from "./html.ts"
 
@@ -133,30 +134,6 @@ export const readMetricsFile = (path: string) =>
     }
     return rows as ReadonlyArray<ReportRow>
   })
-
-/**
- * Creates `dir` and its missing parents one at a time. Not `mkdir(dir, { recursive: true })`: on
- * Node 20 that spins forever where the file system refuses a directory with ENOENT (under /proc).
- */
-const makeDirectories = async (dir: string) => {
-  const missing: string[] = []
-  for (let d = dir; ; d = dirname(d)) {
-    if (
-      await stat(d).then(
-        () => true,
-        () => false,
-      )
-    )
-      break
-    missing.push(d)
-    if (dirname(d) === d) break
-  }
-  for (const d of missing.reverse())
-    await mkdir(d).catch((e: NodeJS.ErrnoException) => {
-      // Another writer made it in between: what is wanted exists.
-      if (e.code !== "EEXIST") throw e
-    })
-}
 
 let writes = 0
 
