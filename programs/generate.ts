@@ -3,9 +3,10 @@
  * continued greedily (or sampled), and written as JSONL {prompt, generated, continuation} in input
  * order. With no flags it asks the tiny model `magix train` made a few arithmetic questions.
  */
-import { writeFile } from "node:fs/promises"
-import { join, resolve } from "node:path"
-import { Effect, Layer, Option } from "effect"
+import { constants } from "node:fs"
+import { access, writeFile } from "node:fs/promises"
+import { dirname, join, resolve } from "node:path"
+import { Effect, Layer, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
 import { promptBatches } from "../src/core/data/prompts.ts"
 import { generate } from "../src/core/generate.ts"
@@ -16,6 +17,7 @@ import { CpuRuntime, createDeviceMesh, DefaultRuntime, Devices } from "../src/la
 import { Hub } from "../src/layers/Hub.ts"
 import { loadModelHub } from "../src/layers/loadModel.ts"
 import { loadLoraAdapter } from "../src/layers/loraAdapter.ts"
+import { makeDirectories } from "../src/layers/makeDirectories.ts"
 import { loadTokenizer } from "../src/layers/Tokenizer.ts"
 import { embeddedModelDir } from "../src/layers/Training.ts"
 import { parseIntList } from "./argv.ts"
@@ -63,6 +65,15 @@ export const generateFlags = {
   ),
 }
 
+export class OutputFileUnwritable extends Schema.TaggedError<OutputFileUnwritable>()("OutputFileUnwritable", {
+  path: Schema.String,
+  detail: Schema.String,
+}) {
+  override get message() {
+    return `cannot write the generations to ${this.path} (${this.detail}): choose another --output-file`
+  }
+}
+
 type GenerateFlags = {
   readonly [K in keyof typeof generateFlags]: (typeof generateFlags)[K] extends Flag.Flag<infer A> ? A : never
 }
@@ -70,6 +81,17 @@ type GenerateFlags = {
 export const generateProgram = (f: GenerateFlags) =>
   Effect.gen(function* () {
     const devices = yield* Devices
+    const path = resolve(f.outputFile)
+    const unwritable = (e: unknown) =>
+      new OutputFileUnwritable({ path, detail: (e as NodeJS.ErrnoException).code ?? String(e) })
+    // Found out before generating, not after.
+    yield* Effect.tryPromise({
+      try: async () => {
+        await makeDirectories(dirname(path))
+        await access(dirname(path), constants.W_OK)
+      },
+      catch: unwritable,
+    })
     const modelPath = opt(f.modelNameOrPath) ?? resolve("checkpoints/tiny/hf")
     const embedded = opt(f.prompts) === undefined
     const mesh = yield* createDeviceMesh(parseIntList(f.meshShape))
@@ -125,8 +147,10 @@ export const generateProgram = (f: GenerateFlags) =>
         }
       })
     }
-    const path = resolve(f.outputFile)
-    yield* Effect.promise(() => writeFile(path, out.map((o) => JSON.stringify(o)).join("\n") + "\n"))
+    yield* Effect.tryPromise({
+      try: () => writeFile(path, out.map((o) => JSON.stringify(o)).join("\n") + "\n"),
+      catch: unwritable,
+    })
     if (embedded) for (const o of out) process.stdout.write(`${o.prompt}${o.continuation}\n`)
     process.stderr.write(`magix: ${out.length} generations written to ${path}\n`)
   })

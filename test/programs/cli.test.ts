@@ -152,6 +152,24 @@ describe("magix", () => {
     }
   })
 
+  it("an --output-file that cannot be written is one line, before generating", () => {
+    let err: { status?: number; stderr?: string } = {}
+    try {
+      magix([
+        "generate",
+        "--model-name-or-path",
+        join(root, "test", "fixtures", "hf", "llama"),
+        "--output-file",
+        "/proc/magix-nope/out.jsonl",
+      ])
+    } catch (e) {
+      err = e as typeof err
+    }
+    expect(err.status).toBe(1)
+    expect(err.stderr).toContain("cannot write the generations to /proc/magix-nope/out.jsonl")
+    expect(err.stderr).not.toContain("    at ")
+  })
+
   it("trains with metrics and checkpoints; a run killed mid-way resumes to the same parameters as a straight run", async () => {
     const straight = mkdtempSync(join(tmpdir(), "magix-straight-"))
     await runTrain(trainFlags(straight, { metricsFile: Option.some(join(straight, "m.jsonl")) }))
