@@ -72,7 +72,8 @@ export interface NativeAddon {
   cpuThreads(): number
   /**
    * Host memory for large device transfers, freed when collected: pinned where `pinned` and a GPU
-   * takes it, else huge-page-advised pageable memory (fresh pages fault in faster).
+   * takes it, else huge-page-advised pageable memory (fresh pages fault in faster). Its contents
+   * are unspecified (as Buffer.allocUnsafe's).
    */
   hostBuffer(bytes: number, pinned?: boolean): ArrayBuffer
   readonly abiVersion: number

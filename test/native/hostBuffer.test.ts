@@ -6,7 +6,7 @@ import { loadNative } from "../../src/native/index.ts"
 describe("hostBuffer", () => {
   const addon = loadNative()
 
-  it("gives zeroed-or-writable memory of the size asked, pinned or not, and round-trips through a device", () => {
+  it("gives writable memory of the size asked, pinned or not, that round-trips through a device", () => {
     const be = addon.createCpu(1)
     try {
       for (const pinned of [false, true]) {
