@@ -3,12 +3,11 @@
  * JSON structure, truncation, growth) restores or fails with a typed checkpoint error: never a
  * defect, a hang or a native copy outside a buffer (run under the ASan addon for the last).
  */
-import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { cpSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs"
 import { join, relative } from "node:path"
-import { Effect, ManagedRuntime } from "effect"
+import { Effect, } from "effect"
 import fc from "fast-check"
-import { afterAll, beforeAll, describe, it } from "vitest"
+import { beforeAll, describe, it } from "vitest"
 import { type DType, toBFloat16 } from "../../src/core/dtype.ts"
 import { fromHost, type ShardedArray } from "../../src/core/shardedArray.ts"
 import { NamedSharding, P, type PartitionSpec } from "../../src/core/sharding.ts"
@@ -16,15 +15,9 @@ import { parseArrayMetadata } from "../../src/core/zarr.ts"
 import { type ArrayTarget, Checkpointer } from "../../src/layers/Checkpointer.ts"
 import { CpuRuntime, Devices } from "../../src/layers/Devices.ts"
 import { mesh } from "../helpers.ts"
-import { count, fuzzParams, mutatedBytes, mutatedJsonText, reportCounts, settle } from "./fuzz.ts"
+import { count, fuzzParams, fuzzWorkspace, mutatedBytes, mutatedJsonText, settle } from "./fuzz.ts"
 
-const base = mkdtempSync(join(tmpdir(), "magix-fuzz-ckpt-"))
-const runtime = ManagedRuntime.make(CpuRuntime({ devices: 2 }))
-afterAll(async () => {
-  reportCounts()
-  await runtime.dispose()
-  rmSync(base, { recursive: true, force: true })
-})
+const { dir: base, runtime } = fuzzWorkspace("magix-fuzz-ckpt-", () => CpuRuntime({ devices: 2 }))
 
 const restoreTags = [
   "CheckpointNotFound",

@@ -2,30 +2,25 @@
  * Fuzzing dataset files: mutated and random JSON Lines, text and Parquet files (metadata at the
  * end, pages, compression) are indexed and every example read, or fail with a typed data error.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { readFileSync, rmSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { Effect } from "effect"
 import fc from "fast-check"
-import { afterAll, describe, it } from "vitest"
+import { describe, it } from "vitest"
 import { openDataset, readExamples } from "../../src/layers/Dataset.ts"
 import { Hub } from "../../src/layers/Hub.ts"
 import { fixtures } from "../helpers.ts"
 import {
   count,
   fuzzParams,
+  fuzzWorkspace,
   mutatedBytes,
   mutatedJsonText,
   mutatedTail,
-  reportCounts,
   settle,
 } from "./fuzz.ts"
 
-const dir = mkdtempSync(join(tmpdir(), "magix-fuzz-data-"))
-afterAll(() => {
-  reportCounts()
-  rmSync(dir, { recursive: true, force: true })
-})
+const { dir } = fuzzWorkspace("magix-fuzz-data-")
 
 const dataTags = [
   "DatasetParseError",

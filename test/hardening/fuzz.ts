@@ -3,9 +3,12 @@
  * mutations of real files (bytes and JSON structure), and the one property every parser owes
  * us: an input gives a result or a typed error, never a defect, an untyped throw or a hang.
  */
-import { Cause, Effect, Exit } from "effect"
+import { mkdtempSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { Cause, Effect, Exit, type Layer, ManagedRuntime } from "effect"
 import fc from "fast-check"
-import { expect } from "vitest"
+import { afterAll, expect } from "vitest"
 
 /**
  * Inputs per property: `fallback` in the default run, MAGIX_FUZZ_RUNS (a number, or a multiplier
@@ -397,3 +400,23 @@ export const mutatedJsonText = (text: string): fc.Arbitrary<string> =>
       arbitrary: mutatedBytes(new TextEncoder().encode(text)).map((b) => Buffer.from(b).toString("utf8")),
     },
   )
+
+/**
+ * A fuzz file's temporary folder, removed after its tests, which then report their counts. With
+ * `layer` (given the folder), a runtime for the parsers that need services, disposed first.
+ */
+export function fuzzWorkspace(prefix: string): { readonly dir: string }
+export function fuzzWorkspace<R, E>(
+  prefix: string,
+  layer: (dir: string) => Layer.Layer<R, E>,
+): { readonly dir: string; readonly runtime: ManagedRuntime.ManagedRuntime<R, E> }
+export function fuzzWorkspace<R, E>(prefix: string, layer?: (dir: string) => Layer.Layer<R, E>) {
+  const dir = mkdtempSync(join(tmpdir(), prefix))
+  const runtime = layer ? ManagedRuntime.make(layer(dir)) : undefined
+  afterAll(async () => {
+    reportCounts()
+    await runtime?.dispose()
+    rmSync(dir, { recursive: true, force: true })
+  })
+  return runtime ? { dir, runtime } : { dir }
+}

@@ -3,12 +3,11 @@
  * tensor and a block of each), the sharded-checkpoint index and a model directory read through
  * it. Every input gives a result or a typed error.
  */
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { Effect, Layer, ManagedRuntime } from "effect"
+import { Effect, Layer, } from "effect"
 import fc from "fast-check"
-import { afterAll, describe, it } from "vitest"
+import { describe, it } from "vitest"
 import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
 import { parseHeader, parseIndex, serializeHeader } from "../../src/core/safetensors.ts"
 import { CpuRuntime } from "../../src/layers/Devices.ts"
@@ -16,15 +15,11 @@ import { Hub } from "../../src/layers/Hub.ts"
 import { loadModelHub } from "../../src/layers/loadModel.ts"
 import { openModelWeights, openSafetensors } from "../../src/layers/SafetensorsFile.ts"
 import { fixtures, mesh } from "../helpers.ts"
-import { count, fuzzParams, mutatedBytes, mutatedJsonText, reportCounts, settle } from "./fuzz.ts"
+import { count, fuzzParams, fuzzWorkspace, mutatedBytes, mutatedJsonText, settle } from "./fuzz.ts"
 
-const dir = mkdtempSync(join(tmpdir(), "magix-fuzz-st-"))
-const runtime = ManagedRuntime.make(Layer.mergeAll(CpuRuntime({ devices: 2 }), Hub.localDirectory(dir)))
-afterAll(async () => {
-  reportCounts()
-  await runtime.dispose()
-  rmSync(dir, { recursive: true, force: true })
-})
+const { dir, runtime } = fuzzWorkspace("magix-fuzz-st-", (d) =>
+  Layer.mergeAll(CpuRuntime({ devices: 2 }), Hub.localDirectory(d)),
+)
 
 const headerTags = [
   "SafetensorsBadHeaderLength",

@@ -3,29 +3,24 @@
  * template) and generation_config.json either build a tokenizer that encodes, decodes and renders
  * its chat template, or fail with a typed error.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
-import { tmpdir } from "node:os"
+import { readFileSync, rmSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import fc from "fast-check"
-import { afterAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import { type TokenizerSource, tokenizerFromSource } from "../../src/layers/Tokenizer.ts"
 import { fixtures } from "../helpers.ts"
 import {
   count,
   fuzzParams,
+  fuzzWorkspace,
   type Json,
   mutatedJson,
   mutatedJsonText,
-  reportCounts,
   settle,
   settleSync,
 } from "./fuzz.ts"
 
-const dir = mkdtempSync(join(tmpdir(), "magix-fuzz-tok-"))
-afterAll(() => {
-  reportCounts()
-  rmSync(dir, { recursive: true, force: true })
-})
+const { dir } = fuzzWorkspace("magix-fuzz-tok-")
 
 const buildTags = ["TokenizerFileInvalid", "TokenizerSpecialTokenInvalid"]
 const chatTags = ["ChatTemplateMissing", "ChatTemplateError"]

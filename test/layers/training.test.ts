@@ -5,34 +5,15 @@
 import { mkdtempSync, readFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Effect, Layer } from "effect"
+import { Effect } from "effect"
 import { expect, it } from "vitest"
 import { toHost } from "../../src/core/shardedArray.ts"
 import { Checkpointer } from "../../src/layers/Checkpointer.ts"
-import { CpuRuntime } from "../../src/layers/Devices.ts"
-import { Hub } from "../../src/layers/Hub.ts"
-import { embeddedTrainFile, runTraining, type TrainOptions } from "../../src/layers/Training.ts"
+import { runTraining } from "../../src/layers/Training.ts"
+import { tinyOptions, trainingLayer } from "../hardening/training.ts"
 
-const options: TrainOptions = {
-  modelType: "llama",
-  trainFile: embeddedTrainFile,
-  split: "train",
-  trainDataField: "text",
-  useChatTemplate: false,
-  maxLength: 16,
-  numEpochs: 2,
-  batchSize: 32,
-  learningRate: 5e-3,
-  weightDecay: 1e-4,
-  adamBeta1: 0.9,
-  adamBeta2: 0.999,
-  maxGradNorm: 1,
-  meshShape: [2, 1],
-  seed: 42,
-  packing: false,
-  dataWorkers: 0,
-  bf16ModelWeights: false,
-}
+// The hardening tests' tiny run, for 2 epochs.
+const options = { ...tinyOptions, numEpochs: 2 }
 
 const train = (directory: string, maxSteps: number, metricsFile?: string) =>
   Effect.runPromise(
@@ -52,14 +33,7 @@ const train = (directory: string, maxSteps: number, metricsFile?: string) =>
         scalars: Array.from(toHost(r.optState.scalars) as Float64Array),
         position: manifest.dataPosition,
       }
-    }).pipe(
-      Effect.scoped,
-      Effect.provide(
-        Checkpointer.layer({ directory, saveInterval: 2 }).pipe(
-          Layer.provideMerge(Layer.mergeAll(CpuRuntime({ devices: 2 }), Hub.layer)),
-        ),
-      ),
-    ),
+    }).pipe(Effect.scoped, Effect.provide(trainingLayer(directory, 2))),
   )
 
 it("k steps, a restart from the checkpoint, then N − k steps equal N steps straight", async () => {
