@@ -5,7 +5,7 @@
  */
 import { cpSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs"
 import { join, relative } from "node:path"
-import { Effect, } from "effect"
+import { Effect } from "effect"
 import fc from "fast-check"
 import { beforeAll, describe, it } from "vitest"
 import { type DType, toBFloat16 } from "../../src/core/dtype.ts"

@@ -5,7 +5,7 @@
  */
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { Effect, Layer, } from "effect"
+import { Effect, Layer } from "effect"
 import fc from "fast-check"
 import { describe, it } from "vitest"
 import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
