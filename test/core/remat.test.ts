@@ -9,6 +9,7 @@ import { describe, expect, it } from "vitest"
 import { valueAndGrad } from "../../src/core/autodiff.ts"
 import { parseConfig } from "../../src/core/config.ts"
 import { defaultLoraRules, initLora } from "../../src/core/lora.ts"
+import type { Mesh } from "../../src/core/mesh.ts"
 import { placeBatch } from "../../src/core/models/batch.ts"
 import { LlamaForCausalLM, type Params } from "../../src/core/models/decoder.ts"
 import { initParams } from "../../src/core/models/init.ts"
@@ -20,18 +21,16 @@ import { loadModelHub } from "../../src/layers/loadModel.ts"
 import { mesh, runCpu } from "../helpers.ts"
 import { makeBatch } from "../parallel/equivalenceRun.ts"
 
+/** The llama fixture (test/fixtures/hf/llama) placed on `m` with the default rules. */
+const fixtureLlama = (m: Mesh) => loadModelHub(LlamaForCausalLM, "llama", LlamaForCausalLM.partitionRules, m)
+
 const gradsOf = (shape: [number, number], remat: boolean) =>
   runCpu(
     shape[0] * shape[1],
     Effect.gen(function* () {
       const { engine } = yield* Devices
       const m = mesh(shape)
-      const { model, params } = yield* loadModelHub(
-        LlamaForCausalLM,
-        "llama",
-        LlamaForCausalLM.partitionRules,
-        m,
-      )
+      const { model, params } = yield* fixtureLlama(m)
       const { batch } = yield* placeBatch(engine, m, makeBatch(model.config.vocabSize))
       const { value, grads } = valueAndGrad((p: Params) => model.loss(p, batch, { remat }))(params)
       return {
@@ -62,12 +61,7 @@ describe("activation checkpointing", () => {
         Effect.gen(function* () {
           const { engine } = yield* Devices
           const m = mesh([1, 1])
-          const { model, params } = yield* loadModelHub(
-            LlamaForCausalLM,
-            "llama",
-            LlamaForCausalLM.partitionRules,
-            m,
-          )
+          const { model, params } = yield* fixtureLlama(m)
           const lora = yield* initLora(
             engine,
             m,
@@ -101,7 +95,7 @@ describe("activation checkpointing", () => {
           const { engine } = yield* Devices
           const m = mesh([2, 2])
           const rules = LlamaForCausalLM.partitionRules
-          const { model, params } = yield* loadModelHub(LlamaForCausalLM, "llama", rules, m)
+          const { model, params } = yield* fixtureLlama(m)
           const opt = chain(adamw({ lr: 1e-2 }))
           const st = yield* initializeOptState(opt, params, rules, m)
           const step = makeTrainStep(model, opt, { remat })
