@@ -10,6 +10,8 @@
  * a loss is not finite or the last five steps' mean is not below the first five's.
  *   npx tsx bench/train-throughput.ts [--batch 8] [--seq 2048] [--steps 10] [--layers 16]
  *     [--model 3b] [--remat]       the Llama-3.2-3B shape; activation checkpointing
+ *     [--no-graph]                 replay steps op by op instead of as a CUDA graph
+ *     [--profile]                  also time every op of one extra step on the GPU (CUDA events)
  *     [--with baseline.json,...]   rows measured by bench/baselines/*.py in the same call
  * bench/train-compare.sh runs Magix, PyTorch eager, torch.compile and JAX side by side.
  */
@@ -25,6 +27,7 @@ import { makeTrainStep } from "../src/core/train.ts"
 import { CudaRuntime, createDeviceMesh, DefaultRuntime, Devices } from "../src/layers/Devices.ts"
 import { flopsPerToken } from "../src/layers/Training.ts"
 import { printTable, writeResult } from "./report.ts"
+import { type OpTime, profileOps } from "./stepProfile.ts"
 
 const arg = (name: string, fallback: number) => {
   const i = process.argv.indexOf(`--${name}`)
@@ -53,6 +56,7 @@ const SHAPE = process.argv.includes("3b")
       head_dim: 64,
     }
 const WARMUP = 2
+const PROFILE = process.argv.includes("--profile")
 
 const program = Effect.gen(function* () {
   const devices = yield* Devices
@@ -84,7 +88,10 @@ const program = Effect.gen(function* () {
     adamw({ lr: warmupCosine({ peak: 3e-4, warmup: 10, total: 1000 }), weightDecay: 0.1 }),
   )
   const optState = yield* initializeOptState(optimizer, params, LlamaForCausalLM.partitionRules, mesh)
-  const step = makeTrainStep(model, optimizer, { remat: REMAT })
+  const graph = devices.platform === "cuda" && !process.argv.includes("--no-graph")
+  const step = makeTrainStep(model, optimizer, { remat: REMAT, graph })
+  const cuda = devices.platform === "cuda"
+  const clock = cuda ? engine.backend.alloc(0, 8) : undefined
   let state = 7
   const next = () => {
     state = (Math.imul(state, 1103515245) + 12345) >>> 0
@@ -112,11 +119,23 @@ const program = Effect.gen(function* () {
   }
   const losses: number[] = []
   const times: number[] = []
+  // Per step: host time to hand the step to the device (placement excluded) and GPU time between
+  // events recorded around it. With a graph the first is a launch; the GPU time is the step's.
+  const enqueueMs: number[] = []
+  const gpuMs: number[] = []
   for (let i = 0; i < WARMUP + STEPS; i++) {
     const s = performance.now()
     const { batch } = yield* placeBatch(engine, mesh, hostBatch())
+    if (clock !== undefined) engine.backend.exec("event_record", [], [0, 1010])
+    const e = performance.now()
     const out = yield* step(params, optState, batch)
+    enqueueMs.push(performance.now() - e)
+    if (clock !== undefined) engine.backend.exec("event_record", [], [0, 1011])
     losses.push(Number(shardToHost(out.loss, 0)[0]))
+    if (clock !== undefined) {
+      engine.backend.exec("event_elapsed", [clock], [0, 1010, 1011])
+      gpuMs.push(new Float64Array(engine.backend.read(clock, 0, 8).slice().buffer)[0]!)
+    }
     out.loss.dispose()
     disposeBatch(batch)
     times.push(performance.now() - s)
@@ -126,6 +145,23 @@ const program = Effect.gen(function* () {
       )
   }
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length
+  let ops: OpTime[] | undefined
+  if (PROFILE && cuda) {
+    // One more step, op by op (another jit of the same step, never a graph), every op timed.
+    const plain = makeTrainStep(model, optimizer, { remat: REMAT, graph: false })
+    for (let k = 0; k < 2; k++) {
+      const { batch } = yield* placeBatch(engine, mesh, hostBatch())
+      const run = () => Effect.runSync(plain(params, optState, batch))
+      // The first call traces (eager, with TypeScript overhead); the second is the replay timed.
+      const profiled =
+        k === 0 ? undefined : profileOps(engine.backend, (b, f) => engine.withBackend(b, f), run)
+      const out = profiled ? profiled.result : run()
+      if (profiled) ops = profiled.ops
+      out.loss.dispose()
+      disposeBatch(batch)
+    }
+    plain.dispose()
+  }
   const [first, last] = [mean(losses.slice(0, 5)), mean(losses.slice(-5))]
   const healthy = losses.every(Number.isFinite) && last < first
   console.log(
@@ -135,6 +171,27 @@ const program = Effect.gen(function* () {
   const ms = mean(measured)
   const tps = (B * T * 1000) / ms
   const peak = (yield* devices.memory(0)).peak
+  if (clock !== undefined) engine.backend.free(clock)
+  const profile = cuda
+    ? {
+        graph: {
+          used: graph,
+          launches: step.graphLaunches,
+          nodes: step.graphNodes,
+          captureError: step.graphError === undefined ? null : String(step.graphError),
+        },
+        // Host time to hand one step to the device; a step with a host synchronisation inside
+        // would wait for the GPU here.
+        enqueueMs: enqueueMs.slice(WARMUP),
+        gpuStepMs: gpuMs.slice(WARMUP),
+        ...(ops
+          ? {
+              opSumMs: ops.reduce((a, o) => a + o.ms, 0),
+              ops: ops.map((o) => ({ ...o, ms: Number(o.ms.toFixed(4)) })),
+            }
+          : {}),
+      }
+    : undefined
   const row = {
     framework: REMAT ? "magix-ts (remat)" : "magix-ts",
     batch: B,
@@ -158,10 +215,28 @@ const program = Effect.gen(function* () {
   const pick = (r: Record<string, string | number>) =>
     Object.fromEntries(Object.keys(row).map((k) => [k, r[k] ?? ""])) as Record<string, string | number>
   printTable([row, ...baselines.map(pick)])
+  if (profile) {
+    const m = (xs: number[]) => (xs.length ? mean(xs) : Number.NaN)
+    console.log(
+      `graph ${graph ? `on: ${step.graphLaunches} launches, ${step.graphNodes.join("/")} nodes` : "off"}${profile.graph.captureError ? ` (capture failed: ${profile.graph.captureError})` : ""}; host enqueue ${m(profile.enqueueMs).toFixed(2)} ms, GPU ${m(profile.gpuStepMs).toFixed(1)} ms per step`,
+    )
+    if (ops) {
+      const total = ops.reduce((a, o) => a + o.ms, 0)
+      console.log(`ops of one step, each timed alone on the GPU: ${total.toFixed(1)} ms in all`)
+      printTable(
+        ops.slice(0, 25).map((o) => ({
+          op: o.op,
+          count: o.count,
+          ms: o.ms.toFixed(2),
+          share: `${((100 * o.ms) / total).toFixed(1)}%`,
+        })),
+      )
+    }
+  }
   console.log(`losses ${losses.map((l) => l.toFixed(3)).join(" ")}`)
   const device = devices.info[0]?.name ?? devices.platform
   console.log(
-    `wrote ${writeResult(`train-throughput${process.argv.includes("3b") ? "-3b" : ""}${REMAT ? "-remat" : ""}-s${T}-b${B}`, device, { model: process.argv.includes("3b") ? "Llama-3.2-3B shape" : "Llama-3.2-1B shape", ...SHAPE, parameters: parameterCount(config), remat: REMAT, ...row, healthy, losses, stepTimesMs: times, baselines })}`,
+    `wrote ${writeResult(`train-throughput${process.argv.includes("3b") ? "-3b" : ""}${REMAT ? "-remat" : ""}-s${T}-b${B}`, device, { model: process.argv.includes("3b") ? "Llama-3.2-3B shape" : "Llama-3.2-1B shape", ...SHAPE, parameters: parameterCount(config), remat: REMAT, ...row, healthy, losses, stepTimesMs: times, baselines, profile })}`,
   )
   if (!healthy) process.exitCode = 1
 })

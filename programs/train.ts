@@ -91,6 +91,12 @@ export const trainFlags = {
       "recompute each layer's activations in the backward pass: much less memory for about a third more compute",
     ),
   ),
+  noCudaGraph: Flag.Boolean("no-cuda-graph").pipe(
+    Flag.withDefault(false),
+    Flag.withDescription(
+      "on a GPU, replay every step op by op instead of launching it as one CUDA graph (for profilers and debugging)",
+    ),
+  ),
   maxSteps: Flag.Int("max-steps").pipe(Flag.optional, Flag.withDescription("stop after this many steps")),
   cpuDevices: Flag.Int("cpu-devices").pipe(
     Flag.optional,
@@ -194,6 +200,7 @@ export const trainProgram = (f: TrainFlags) =>
       logEvery: f.logEvery,
       bf16ModelWeights: f.bf16ModelWeights,
       gradientCheckpointing: f.gradientCheckpointing,
+      cudaGraph: !f.noCudaGraph,
       ...(f.lora ? { lora: { rank: f.loraRank, alpha: f.loraAlpha } } : {}),
       // Flags objects built in code (tests) may predate these flags: their defaults apply.
       maxConsecutiveNonFinite: f.maxNonFiniteSteps ?? 10,

@@ -33,6 +33,29 @@ export interface Backend {
   exec(op: string, buffers: ReadonlyArray<BufferId>, args: ReadonlyArray<number>): void
   /** Copies a box between two host arrays (see boxArgs). */
   hostCopyBox(src: ArrayBufferView, dst: ArrayBufferView, elemSize: number, box: ReadonlyArray<number>): void
+  /** Graph capture and replay, where the backend has it (both native backends do). */
+  readonly graphs?: Graphs
+}
+
+export type GraphId = number
+
+/**
+ * Between `begin` and `end`, `exec` and `copy` are recorded instead of run (a CUDA graph on the
+ * GPU, an op list on the CPU) and `launch` runs the record again over the same buffers, with no
+ * per-op host work. Buffers freed during the capture keep their memory in the graph (later
+ * allocations of the capture reuse it) until `destroy`; every other buffer the record touches
+ * must stay live (`launch` checks). `write` and `read` are refused while capturing: a captured
+ * stretch never synchronises the host, which is what a successful capture proves.
+ */
+export interface Graphs {
+  begin(): void
+  end(): GraphId
+  /** Ends a capture that failed part-way, keeping nothing. */
+  abort(): void
+  launch(id: GraphId): void
+  destroy(id: GraphId): void
+  /** Nodes (kernels, copies, collectives; ops on the CPU) one launch runs. */
+  nodes(id: GraphId): number
 }
 
 /**

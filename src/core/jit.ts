@@ -11,7 +11,7 @@
  * shapes, dtypes and shardings as the traced call; a different layout is traced anew.
  */
 import type { Effect } from "effect"
-import type { Backend, BufferId, MemoryStats } from "./backend.ts"
+import type { Backend, BufferId, GraphId, MemoryStats } from "./backend.ts"
 import type { Engine } from "./engine.ts"
 import { attempt, type DeviceError } from "./errors.ts"
 import { isShardedArray, ShardedArray } from "./shardedArray.ts"
@@ -218,9 +218,33 @@ interface Trace {
   readonly outputInput: ReadonlyMap<ShardedArray, number>
 }
 
+/** A captured replay and what launching it needs besides the graph. */
+interface GraphReplay {
+  readonly graph: GraphId
+  readonly backend: Backend
+  /** Donated input slots and the caller's buffers the graph updates: later calls must pass them. */
+  readonly fixed: ReadonlyMap<number, BufferId>
+  /** Other input slots: the graph's own buffers, which each launch first copies the inputs into. */
+  readonly copies: ReadonlyMap<number, { readonly buffer: BufferId; readonly bytes: number }>
+  /** Result slots and the graph's buffers holding them after a launch. */
+  readonly outputs: ReadonlyMap<number, BufferId>
+  /** Buffers this graph owns (copies, constants, results), freed after it. */
+  readonly buffers: ReadonlyArray<BufferId>
+  readonly nodes: number
+}
+
 export interface JitOptions {
   /** Indices (or parameter names) of arguments whose arrays the step may update in place. */
   readonly donate?: ReadonlyArray<number | string>
+  /**
+   * Replay as a graph where the backend has graphs (a CUDA graph on the GPU): the second call of
+   * a layout captures the replay, later calls launch it with no per-op host work. Donated inputs
+   * must be the same arrays on every call (an in-place optimizer step's are); other inputs are
+   * copied into the graph's own buffers and results copied out of them. A call the graph cannot
+   * serve (other donated arrays) replays op by op; a capture that fails (a host synchronisation
+   * inside the step) leaves that layout on op-by-op replay, with the reason in `graphError`.
+   */
+  readonly graph?: boolean
   /** Layouts to give the result's arrays (Magix's out_shardings); converted inside the step. */
   readonly outShardings?: ReadonlyArray<unknown>
 }
@@ -243,6 +267,12 @@ export interface Jitted<A extends unknown[], R> {
   (...args: A): Effect.Effect<R, DeviceError>
   /** Number of traces so far (a new layout of the inputs traces again). */
   readonly traces: number
+  /** Calls served by launching a captured graph. */
+  readonly graphLaunches: number
+  /** Nodes of the graphs captured so far (kernels, copies and collectives one launch runs). */
+  readonly graphNodes: ReadonlyArray<number>
+  /** Why the last graph capture failed, if one did. */
+  readonly graphError: unknown
   /** Frees the buffers the traces keep; a later call traces again. */
   readonly dispose: () => void
 }
@@ -256,7 +286,11 @@ export const jit = <A extends unknown[], R>(
   if (donated.has(-1))
     throw new Error(`jit: donate names ${options.donate} do not all name parameters of the step (${names})`)
   const traces = new Map<string, Trace>()
+  const graphs = new Map<string, GraphReplay | "op-by-op">()
+  const replays = new Map<string, number>()
   let count = 0
+  let launches = 0
+  let graphError: unknown
   // Buffers the traces made and keep for every replay (constants of the step): this jit owns them.
   const owned: Array<{ readonly backend: Backend; readonly id: BufferId }> = []
 
@@ -360,6 +394,193 @@ export const jit = <A extends unknown[], R>(
     }) as R
   }
 
+  /** Slots of the donated inputs' buffers: a graph launch needs these very buffers again. */
+  const donatedSlots = (t: Trace, args: A): Set<number> => {
+    const out = new Set<number>()
+    let k = 0
+    args.forEach((arg, i) => {
+      for (const _ of arraysOf(arg)) {
+        if (donated.has(i)) for (const s of t.inputSlots[k]!) out.add(s)
+        k++
+      }
+    })
+    return out
+  }
+
+  /**
+   * Captures the replay of `t` as a graph and launches it once (capture itself runs nothing).
+   * Returns undefined, with everything it made freed, when the capture fails.
+   */
+  const capture = (engine: Engine, t: Trace, args: A): GraphReplay | undefined => {
+    const backend = engine.backend
+    const g = backend.graphs!
+    const inputs = arraysOf(args)
+    const donatedSet = donatedSlots(t, args)
+    const made: BufferId[] = []
+    const make = (device: number, bytes: number) => {
+      const b = backend.alloc(device, bytes)
+      made.push(b)
+      return b
+    }
+    const ids = new Map<number, BufferId>(t.captured)
+    const fixed = new Map<number, BufferId>()
+    const copies = new Map<number, { readonly buffer: BufferId; readonly bytes: number }>()
+    t.inputSlots.forEach((slots, i) => {
+      const a = inputs[i]!
+      slots.forEach((s, p) => {
+        if (ids.has(s)) return
+        const caller = a.buffers[p]!
+        if (donatedSet.has(s)) {
+          ids.set(s, caller)
+          fixed.set(s, caller)
+        } else {
+          // The graph reads its own copy: the caller's buffer may be gone by the next launch.
+          const own = make(a.mesh.devices[p]!, a.bytesPerDevice)
+          backend.copy(own, 0, caller, 0, a.bytesPerDevice)
+          ids.set(s, own)
+          copies.set(s, { buffer: own, bytes: a.bytesPerDevice })
+        }
+      })
+    })
+    // Host data the step writes becomes a device constant copied in by the graph.
+    const constants = new Map<Call, BufferId>()
+    for (const c of t.calls)
+      if (c.kind === "write") {
+        const alloc = t.calls.find((a) => a.kind === "alloc" && a.slot === c.slot)
+        const k = make(alloc && alloc.kind === "alloc" ? alloc.device : 0, c.data.byteLength)
+        backend.write(k, 0, c.data)
+        constants.set(c, k)
+      }
+    const id = (s: number) => {
+      const v = ids.get(s)
+      if (v === undefined) throw new Error(`jit: capture reached slot ${s} before it was allocated`)
+      return v
+    }
+    const inCapture: BufferId[] = []
+    let graph: GraphId | undefined
+    try {
+      g.begin()
+      try {
+        for (const c of t.calls) {
+          switch (c.kind) {
+            case "alloc": {
+              const b = backend.alloc(c.device, c.bytes)
+              ids.set(c.slot, b)
+              inCapture.push(b)
+              break
+            }
+            case "free":
+              {
+                const b = id(c.slot)
+                backend.free(b)
+                const at = inCapture.indexOf(b)
+                if (at >= 0) inCapture.splice(at, 1)
+                ids.delete(c.slot)
+              }
+              break
+            case "exec":
+              backend.exec(c.op, c.slots.map(id), c.args)
+              break
+            case "copy":
+              backend.copy(id(c.dst), c.dstOffset, id(c.src), c.srcOffset, c.bytes)
+              break
+            case "write":
+              backend.copy(id(c.slot), c.offset, constants.get(c)!, 0, c.data.byteLength)
+              break
+          }
+        }
+        graph = g.end()
+      } catch (e) {
+        g.abort()
+        throw e
+      }
+    } catch (e) {
+      graphError = e
+      for (const b of [...inCapture, ...made]) backend.free(b)
+      return undefined
+    }
+    const outputs = new Map<number, BufferId>()
+    const inputSet = new Set(t.inputSlots.flat())
+    for (const slots of t.outputSlots.values())
+      for (const s of slots) if (!inputSet.has(s)) outputs.set(s, id(s))
+    return {
+      graph,
+      backend,
+      fixed,
+      copies,
+      outputs,
+      buffers: [...made, ...inCapture],
+      nodes: g.nodes(graph),
+    }
+  }
+
+  /** Launches a captured graph for this call, or returns undefined when the call's donated buffers differ. */
+  const launch = (engine: Engine, t: Trace, r: GraphReplay, args: A): R | undefined => {
+    const backend = engine.backend
+    const inputs = arraysOf(args)
+    const given = new Map<number, BufferId>()
+    t.inputSlots.forEach((slots, i) => {
+      slots.forEach((s, p) => {
+        given.set(s, inputs[i]!.buffers[p]!)
+      })
+    })
+    for (const [s, b] of r.fixed) if (given.get(s) !== b) return undefined
+    for (const [s, c] of r.copies) backend.copy(c.buffer, 0, given.get(s)!, 0, c.bytes)
+    backend.graphs!.launch(r.graph)
+    launches++
+    // Results leave the graph's buffers (the next launch overwrites them) for fresh ones.
+    const fresh = new Map<number, BufferId>()
+    const made: BufferId[] = []
+    try {
+      for (const [s, b] of r.outputs) {
+        const o = [...t.outputSlots].find(([, slots]) => slots.includes(s))!
+        const [arr, slots] = o
+        const device = arr.mesh.devices[slots.indexOf(s)]!
+        const f = backend.alloc(device, arr.bytesPerDevice)
+        made.push(f)
+        backend.copy(f, 0, b, 0, arr.bytesPerDevice)
+        fresh.set(s, f)
+      }
+    } catch (e) {
+      for (const b of made) backend.free(b)
+      throw e
+    }
+    return rebuild(t.template, (o) => {
+      const i = t.outputInput.get(o)
+      if (i !== undefined) return inputs[i]!
+      const slots = t.outputSlots.get(o)!
+      return new ShardedArray(
+        engine,
+        o.shape,
+        o.dtype,
+        o.sharding as NamedSharding,
+        slots.map((s) => fresh.get(s) ?? given.get(s) ?? r.fixed.get(s)!),
+        o.partial,
+      )
+    }) as R
+  }
+
+  const call = (engine: Engine, t: Trace, args: A): R => {
+    if (!options.graph || !engine.backend.graphs) return replay(engine, t, args)
+    const n = (replays.get(t.key) ?? 0) + 1
+    replays.set(t.key, n)
+    let r = graphs.get(t.key)
+    // The first replay runs op by op: it warms the allocator's cache, the op scratch and the
+    // cuBLASLt plans, so the capture that follows makes no new ones.
+    if (r === undefined && n >= 2) {
+      r = capture(engine, t, args) ?? "op-by-op"
+      graphs.set(t.key, r)
+      if (r !== "op-by-op") {
+        owned.push(...r.buffers.map((id) => ({ backend: engine.backend, id })))
+        graphOwners.push(r)
+      }
+    }
+    if (r === undefined || r === "op-by-op") return replay(engine, t, args)
+    return launch(engine, t, r, args) ?? replay(engine, t, args)
+  }
+
+  const graphOwners: GraphReplay[] = []
+
   const jitted = (...args: A) =>
     attempt(() => {
       const first = arraysOf(args)[0]
@@ -367,13 +588,20 @@ export const jit = <A extends unknown[], R>(
       const engine = first.engine
       const key = layoutKey(args)
       const t = traces.get(key)
-      return t ? replay(engine, t, args) : trace(engine, args, key)
+      return t ? call(engine, t, args) : trace(engine, args, key)
     })
   Object.defineProperty(jitted, "traces", { get: () => count })
+  Object.defineProperty(jitted, "graphLaunches", { get: () => launches })
+  Object.defineProperty(jitted, "graphNodes", { get: () => graphOwners.map((r) => r.nodes) })
+  Object.defineProperty(jitted, "graphError", { get: () => graphError })
   Object.defineProperty(jitted, "dispose", {
     value: () => {
+      // A graph goes before the buffers it uses.
+      for (const r of graphOwners.splice(0)) r.backend.graphs!.destroy(r.graph)
       for (const { backend, id } of owned.splice(0)) backend.free(id)
       traces.clear()
+      graphs.clear()
+      replays.clear()
     },
   })
   return jitted as Jitted<A, R>

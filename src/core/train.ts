@@ -18,6 +18,8 @@ export interface StepResult {
 export interface StepOptions {
   /** Recompute each layer's activations in the backward pass (activation checkpointing). */
   readonly remat?: boolean
+  /** Replay the step as a graph from its third call (jit's `graph`; a CUDA graph on the GPU). */
+  readonly graph?: boolean
 }
 
 /** The loss and update of one batch, unjitted (for tests and for steps that change shape). */
@@ -33,7 +35,7 @@ export const trainStepFn =
 
 /** The jitted train step: traced on the first batch of a shape, replayed after. */
 export const makeTrainStep = (model: CausalLM, optimizer: Optimizer, options: StepOptions = {}) =>
-  jit(trainStepFn(model, optimizer, options), { donate: [0, 1] })
+  jit(trainStepFn(model, optimizer, options), { donate: [0, 1], graph: options.graph ?? false })
 
 /**
  * A LoRA train step: the base parameters are frozen (closed over, never donated), only the
@@ -59,5 +61,5 @@ export const makeLoraTrainStep = (
       for (const g of Object.values(grads)) g.dispose()
       return { lora, optState, loss: value }
     },
-    { donate: [0, 1] },
+    { donate: [0, 1], graph: options.graph ?? false },
   )

@@ -169,6 +169,8 @@ export interface LoopOptions {
   readonly lossFn?: (params: Params, batch: TokenBatch) => ShardedArray
   /** Recompute each layer's activations in the backward pass (activation checkpointing). */
   readonly remat?: boolean
+  /** Replay the step as a graph from its third call; by default on CUDA only (a CUDA graph). */
+  readonly graph?: boolean
 }
 
 /** FLOPs per token of a training step: 6·N + 12·L·d·T (parameters, layers, width, sequence). */
@@ -190,7 +192,8 @@ export const trainLoop = (o: LoopOptions) => {
     const devices = yield* Devices
     const { engine } = devices
     const remat = o.remat ?? false
-    const own = o.step ? undefined : makeTrainStep(o.model, o.optimizer, { remat })
+    const graph = o.graph ?? devices.backend.platform === "cuda"
+    const own = o.step ? undefined : makeTrainStep(o.model, o.optimizer, { remat, graph })
     if (own) disposers.push(own.dispose)
     const plain: StepFn = o.step ?? own!
     const spikes = o.lossSpikes
@@ -336,6 +339,8 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   readonly bf16ModelWeights: boolean
   /** Activation checkpointing: recompute each layer in the backward pass (less memory, ~1/3 more compute). */
   readonly gradientCheckpointing?: boolean
+  /** Replay steps as a CUDA graph (default true; no effect on the CPU). */
+  readonly cudaGraph?: boolean
   /** Train LoRA pairs of this rank (and alpha) on every layer projection, the base frozen. */
   readonly lora?: { readonly rank: number; readonly alpha: number }
   readonly lossSpikes?: LossSpikePolicy
@@ -510,7 +515,10 @@ export const runTraining = (o: TrainOptions) =>
         parameters: parameterCount(model.config),
       })
     const remat = o.gradientCheckpointing ?? false
-    const loraStep = o.lora ? makeLoraTrainStep(model, optimizer, params, o.lora.alpha, { remat }) : undefined
+    const graph = (o.cudaGraph ?? true) && devices.backend.platform === "cuda"
+    const loraStep = o.lora
+      ? makeLoraTrainStep(model, optimizer, params, o.lora.alpha, { remat, graph })
+      : undefined
     if (loraStep) yield* Effect.addFinalizer(() => Effect.sync(() => loraStep.dispose()))
     const result = yield* trainLoop({
       model,
@@ -523,6 +531,7 @@ export const runTraining = (o: TrainOptions) =>
           }
         : {}),
       remat,
+      graph,
       ...(o.lossSpikes ? { lossSpikes: o.lossSpikes } : {}),
       ...(o.injectNonFiniteGradients ? { injectNonFiniteGradients: o.injectNonFiniteGradients } : {}),
       optState,

@@ -24,12 +24,13 @@ export const translateNativeError = (e: unknown): unknown => {
         ...(typeof f.largest === "string" ? { largest: f.largest } : {}),
       })
     case "CUDA_ERROR":
+    case "GRAPH_CAPTURE_FAILED":
     case "CUBLAS_ERROR":
     case "NCCL_ERROR":
       return new CudaError({
         library: str(f.library) || "cuda",
         status: num(f.status),
-        name: str(f.name),
+        name: str(f.name) || str(f.code),
         detail: e.message,
       })
     case "INVALID_ARGUMENT":
@@ -82,5 +83,13 @@ export const adaptNativeBackend = (addon: NativeAddon, native: NativeBackend): B
     hasOp: (op) => codes.has(op),
     exec: (op, buffers, args) => guard(() => native.exec(code(op), buffers, args)),
     hostCopyBox: (src, dst, elemSize, box) => guard(() => addon.copyBox(src, dst, elemSize, box)),
+    graphs: {
+      begin: () => guard(() => native.captureBegin()),
+      end: () => guard(() => native.captureEnd()),
+      abort: () => guard(() => native.captureAbort()),
+      launch: (id) => guard(() => native.graphLaunch(id)),
+      destroy: (id) => guard(() => native.graphDestroy(id)),
+      nodes: (id) => guard(() => native.graphNodes(id)),
+    },
   }
 }

@@ -124,6 +124,12 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
                            InstanceMethod<&BackendWrap::Dispose>("dispose"),
                            InstanceMethod<&BackendWrap::CreateCommunicator>("createCommunicator"),
                            InstanceMethod<&BackendWrap::DestroyCommunicator>("destroyCommunicator"),
+                           InstanceMethod<&BackendWrap::CaptureBegin>("captureBegin"),
+                           InstanceMethod<&BackendWrap::CaptureEnd>("captureEnd"),
+                           InstanceMethod<&BackendWrap::CaptureAbort>("captureAbort"),
+                           InstanceMethod<&BackendWrap::GraphLaunch>("graphLaunch"),
+                           InstanceMethod<&BackendWrap::GraphDestroy>("graphDestroy"),
+                           InstanceMethod<&BackendWrap::GraphNodes>("graphNodes"),
                        });
   }
 
@@ -170,32 +176,32 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
   void Write(const Napi::CallbackInfo& info) {
     guarded(info.Env(), [&] {
       Backend& b = be(info.Env());
-      auto dst = b.lookup(to_id(info[0]));
       Bytes src = bytes_of(info[2], "data");
-      b.write(dst, to_size(info[1], "offset"), src.data, src.length);
+      b.write_id(to_id(info[0]), to_size(info[1], "offset"), src.data, src.length);
     });
   }
   Napi::Value Read(const Napi::CallbackInfo& info) {
     return guarded(info.Env(), [&] {
       Backend& b = be(info.Env());
-      auto src = b.lookup(to_id(info[0]));
+      const uint64_t src = to_id(info[0]);
+      b.lookup(src);
       size_t offset = to_size(info[1], "offset"), n = to_size(info[2], "length");
       if (info.Length() > 3 && !info[3].IsUndefined()) {  // into a caller's array: no allocation
         Bytes dst = bytes_of(info[3], "out");
         if (dst.length < n) magix::invalid("read: output array is smaller than the length");
-        b.read(src, offset, dst.data, n);
+        b.read_id(src, offset, dst.data, n);
         return info[3];
       }
       auto out = Napi::Buffer<uint8_t>::New(info.Env(), n);
-      b.read(src, offset, out.Data(), n);
+      b.read_id(src, offset, out.Data(), n);
       return static_cast<Napi::Value>(out);
     });
   }
   void Copy(const Napi::CallbackInfo& info) {
     guarded(info.Env(), [&] {
       Backend& b = be(info.Env());
-      b.copy(b.lookup(to_id(info[0])), to_size(info[1], "dstOffset"), b.lookup(to_id(info[2])),
-             to_size(info[3], "srcOffset"), to_size(info[4], "bytes"));
+      b.copy_id(to_id(info[0]), to_size(info[1], "dstOffset"), to_id(info[2]), to_size(info[3], "srcOffset"),
+                to_size(info[4], "bytes"));
     });
   }
   Napi::Value Stats(const Napi::CallbackInfo& info) {
@@ -264,6 +270,32 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
       if (auto* cb = dynamic_cast<magix::cuda::CudaBackend*>(&be(info.Env()))) cb->destroy_communicator(id);
 #endif
       (void)id;
+    });
+  }
+  // Graphs (see common/backend.h): capture a stretch of exec/copy calls, then launch it again.
+  void CaptureBegin(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] { be(info.Env()).capture_begin(); });
+  }
+  Napi::Value CaptureEnd(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] { return Napi::Number::New(info.Env(), be(info.Env()).capture_end()); });
+  }
+  void CaptureAbort(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] { be(info.Env()).capture_abort(); });
+  }
+  static uint32_t to_graph(const Napi::Value& v) {
+    const size_t g = to_size(v, "graph");
+    if (g > 0xffffffffu) magix::invalid("graph ids are 32-bit");
+    return static_cast<uint32_t>(g);
+  }
+  void GraphLaunch(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] { be(info.Env()).graph_launch(to_graph(info[0])); });
+  }
+  void GraphDestroy(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] { be(info.Env()).graph_destroy(to_graph(info[0])); });
+  }
+  Napi::Value GraphNodes(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] {
+      return Napi::Number::New(info.Env(), static_cast<double>(be(info.Env()).graph_nodes(to_graph(info[0]))));
     });
   }
   void Dispose(const Napi::CallbackInfo& info) {

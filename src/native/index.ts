@@ -41,6 +41,13 @@ export interface NativeBackend {
    */
   createCommunicator(devices: ReadonlyArray<number>): number
   destroyCommunicator(id: number): void
+  /** Graph capture and replay (src/native/common/backend.h; core/backend.ts Graphs). */
+  captureBegin(): void
+  captureEnd(): number
+  captureAbort(): void
+  graphLaunch(id: number): void
+  graphDestroy(id: number): void
+  graphNodes(id: number): number
 }
 
 export interface GpuInfo {

@@ -37,6 +37,23 @@ uint64_t Backend::alloc(int device, size_t bytes) {
         .with("inUse", static_cast<double>(s.in_use))
         .with("capacity", static_cast<double>(s.capacity));
   }
+  // During a capture, memory freed earlier in the same capture is taken first (at most an
+  // eighth bigger than asked): the graph keeps it, so the capture's footprint stays its peak.
+  if (capture_) {
+    auto& pool = capture_->pool;
+    size_t best = pool.size();
+    for (size_t i = 0; i < pool.size(); ++i)
+      if (pool[i].device == device && pool[i].block >= bytes && pool[i].block <= bytes + bytes / 8 &&
+          (best == pool.size() || pool[i].block < pool[best].block))
+        best = i;
+    if (best != pool.size()) {
+      const PoolBlock b = pool[best];
+      pool.erase(pool.begin() + static_cast<std::ptrdiff_t>(best));
+      const uint64_t id = add_entry(b.ptr, bytes, b.block, b.charge, device);
+      s.count += 1;
+      return id;
+    }
+  }
   void* ptr = raw_alloc(device, bytes);
   if (ptr == nullptr && bytes != 0) {
     // The five largest live allocations of the device: where the memory went.
@@ -55,6 +72,13 @@ uint64_t Backend::alloc(int device, size_t bytes) {
         .with("capacity", static_cast<double>(s.capacity))
         .with("largest", largest.empty() ? std::string("none") : largest);
   }
+  s.in_use += bytes;
+  s.count += 1;
+  s.peak = std::max(s.peak, s.in_use);
+  return add_entry(ptr, bytes, bytes, bytes, device);
+}
+
+uint64_t Backend::add_entry(void* ptr, size_t bytes, size_t block, size_t charge, int device) {
   uint32_t slot;
   if (!free_slots_.empty()) {
     slot = free_slots_.back();
@@ -66,12 +90,11 @@ uint64_t Backend::alloc(int device, size_t bytes) {
   Entry& e = table_[slot];
   e.ptr = ptr;
   e.bytes = bytes;
+  e.block = block;
+  e.charge = charge;
   e.device = device;
   e.live = true;
   e.gen = (e.gen + 1) & 0xfffff;  // ids stay below 2^52, exact as JS numbers
-  s.in_use += bytes;
-  s.count += 1;
-  s.peak = std::max(s.peak, s.in_use);
   return (static_cast<uint64_t>(e.gen) << kSlotBits) | slot;
 }
 
@@ -89,21 +112,29 @@ void Backend::free(uint64_t id) {
   BufRef b = lookup(id);
   std::lock_guard<std::mutex> lock(mu_);
   uint32_t slot = static_cast<uint32_t>(id & ((uint64_t{1} << kSlotBits) - 1));
-  raw_free(b.device, b.ptr, b.bytes);
-  table_[slot].live = false;
-  table_[slot].ptr = nullptr;
+  Entry& e = table_[slot];
+  if (capture_) {
+    // The record may still use this memory: it joins the graph's pool, still counted in use.
+    capture_->pool.push_back(PoolBlock{e.ptr, e.block, e.charge, e.device});
+    capture_->used.erase(id);
+  } else {
+    raw_free(b.device, b.ptr, e.block);
+    stats_[b.device].in_use -= e.charge;
+  }
+  e.live = false;
+  e.ptr = nullptr;
   free_slots_.push_back(slot);
-  stats_[b.device].in_use -= b.bytes;
   stats_[b.device].count -= 1;
 }
 
 void Backend::free_all() {
+  destroy_graphs();
   std::lock_guard<std::mutex> lock(mu_);
   for (uint32_t slot = 0; slot < table_.size(); ++slot) {
     Entry& e = table_[slot];
     if (!e.live) continue;
-    raw_free(e.device, e.ptr, e.bytes);
-    stats_[e.device].in_use -= e.bytes;
+    raw_free(e.device, e.ptr, e.block);
+    stats_[e.device].in_use -= e.charge;
     stats_[e.device].count -= 1;
     e.live = false;
     e.ptr = nullptr;
@@ -134,7 +165,139 @@ void Backend::exec(size_t opcode, const std::vector<uint64_t>& ids, const double
   OpCtx ctx{*this, {}, args, nargs, op_names_[opcode]};
   ctx.bufs.reserve(ids.size());
   for (uint64_t id : ids) ctx.bufs.push_back(lookup(id));
+  if (capture_) {
+    for (uint64_t id : ids) note_used(id);
+    if (records_on_host()) {
+      // The op runs at launch, over the same memory and a copy of the arguments.
+      capture_->host_record.push_back(
+          [this, fn = op_fns_[opcode], bufs = ctx.bufs, a = std::vector<double>(args, args + nargs), opcode] {
+            OpCtx c{*this, bufs, a.data(), a.size(), op_names_[opcode]};
+            fn(c);
+          });
+      return;
+    }
+  }
   op_fns_[opcode](ctx);
+}
+
+void Backend::write_id(uint64_t dst, size_t offset, const void* src, size_t n) {
+  if (capture_) invalid("write: host data cannot enter a graph capture (it would synchronise the host); write before capture_begin");
+  write(lookup(dst), offset, src, n);
+}
+
+void Backend::read_id(uint64_t src, size_t offset, void* dst, size_t n) {
+  if (capture_) invalid("read: a graph capture cannot read device memory (it would synchronise the host); read after capture_end");
+  read(lookup(src), offset, dst, n);
+}
+
+void Backend::copy_id(uint64_t dst, size_t dst_off, uint64_t src, size_t src_off, size_t n) {
+  const BufRef d = lookup(dst), s = lookup(src);
+  if (capture_) {
+    note_used(dst);
+    note_used(src);
+    if (records_on_host()) {
+      if (dst_off > d.bytes || n > d.bytes - dst_off || src_off > s.bytes || n > s.bytes - src_off)
+        invalid("copy: range leaves a buffer");
+      capture_->host_record.push_back([this, d, dst_off, s, src_off, n] { copy(d, dst_off, s, src_off, n); });
+      return;
+    }
+  }
+  copy(d, dst_off, s, src_off, n);
+}
+
+namespace {
+struct HostGraph final : Backend::Graph {
+  std::vector<std::function<void()>> ops;
+  void launch() override {
+    for (auto& f : ops) f();
+  }
+  size_t nodes() const override { return ops.size(); }
+};
+}  // namespace
+
+std::unique_ptr<Backend::Graph> Backend::end_capture() {
+  auto g = std::make_unique<HostGraph>();
+  g->ops = std::move(capture_->host_record);
+  return g;
+}
+
+void Backend::capture_begin() {
+  if (capture_) invalid("capture_begin: a capture is already running; end it with capture_end or capture_abort");
+  capture_ = std::make_unique<Capture>();
+  try {
+    begin_capture();
+  } catch (...) {
+    capture_.reset();
+    throw;
+  }
+}
+
+uint32_t Backend::capture_end() {
+  if (!capture_) invalid("capture_end: no capture is running (capture_begin starts one)");
+  std::unique_ptr<Graph> g;
+  try {
+    g = end_capture();
+  } catch (...) {
+    release_pool(capture_->pool);
+    capture_.reset();
+    throw;
+  }
+  GraphEntry entry;
+  entry.graph = std::move(g);
+  entry.pool = std::move(capture_->pool);
+  entry.used.assign(capture_->used.begin(), capture_->used.end());
+  capture_.reset();
+  const uint32_t id = next_graph_++;
+  graphs_.emplace(id, std::move(entry));
+  return id;
+}
+
+void Backend::capture_abort() {
+  if (!capture_) return;
+  try {
+    abort_capture();
+  } catch (...) {
+  }
+  release_pool(capture_->pool);
+  capture_.reset();
+}
+
+void Backend::release_pool(std::vector<PoolBlock>& pool) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const PoolBlock& b : pool) {
+    raw_free(b.device, b.ptr, b.block);
+    stats_[b.device].in_use -= b.charge;
+  }
+  pool.clear();
+}
+
+void Backend::graph_launch(uint32_t id) {
+  if (capture_) invalid("graph_launch: a capture is running; end it first");
+  auto it = graphs_.find(id);
+  if (it == graphs_.end()) invalid("graph " + std::to_string(id) + " does not exist or was destroyed");
+  // Every buffer the record uses outside its pool must still be live: launching over freed memory
+  // would write into whatever took it.
+  for (uint64_t b : it->second.used) lookup(b);
+  it->second.graph->launch();
+}
+
+size_t Backend::graph_nodes(uint32_t id) const {
+  auto it = graphs_.find(id);
+  if (it == graphs_.end()) invalid("graph " + std::to_string(id) + " does not exist or was destroyed");
+  return it->second.graph->nodes();
+}
+
+void Backend::graph_destroy(uint32_t id) {
+  auto it = graphs_.find(id);
+  if (it == graphs_.end()) return;
+  it->second.graph.reset();
+  release_pool(it->second.pool);
+  graphs_.erase(it);
+}
+
+void Backend::destroy_graphs() {
+  capture_abort();
+  while (!graphs_.empty()) graph_destroy(graphs_.begin()->first);
 }
 
 }  // namespace magix

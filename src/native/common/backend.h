@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -100,8 +102,46 @@ class Backend {
 
   const std::vector<std::string>& op_names() const { return op_names_; }
   void exec(size_t opcode, const std::vector<uint64_t>& ids, const double* args, size_t nargs);
+  // Buffer-id forms of write/read/copy (what the binding calls): they refuse host transfers
+  // during a capture and record copies into it.
+  void write_id(uint64_t dst, size_t offset, const void* src, size_t n);
+  void read_id(uint64_t src, size_t offset, void* dst, size_t n);
+  void copy_id(uint64_t dst, size_t dst_off, uint64_t src, size_t src_off, size_t n);
+
+  // Graphs: between capture_begin and capture_end, exec and copy_id are recorded instead of run
+  // (a CUDA graph on the GPU, an op list on the CPU); graph_launch runs the record again over the
+  // same buffers with no per-op host work. A buffer freed during the capture keeps its memory in
+  // the graph's pool (later allocations of the same capture reuse it, as a step reuses freed
+  // activations) until graph_destroy; every other buffer the record uses must stay live, which
+  // graph_launch checks. Host transfers (write_id, read_id) are refused while capturing: a
+  // captured step has no host synchronisation.
+  void capture_begin();
+  uint32_t capture_end();
+  // Ends a capture that failed part-way: its pool is freed and nothing is kept.
+  void capture_abort();
+  void graph_launch(uint32_t id);
+  void graph_destroy(uint32_t id);
+  // Nodes (kernels, copies, collectives) of a graph: what one launch replaces.
+  size_t graph_nodes(uint32_t id) const;
+  bool capturing() const { return capture_ != nullptr; }
+  // A capture is running or a graph exists: memory a graph may use (op scratch) must not move.
+  bool graphs_alive() const { return capture_ != nullptr || !graphs_.empty(); }
+  // What a kind's capture produces.
+  struct Graph {
+    virtual ~Graph() = default;
+    virtual void launch() = 0;
+    virtual size_t nodes() const = 0;
+  };
 
  protected:
+  // Hooks for the kind's own capture. The default records on the host: exec and copies become
+  // closures (the CPU backend); CUDA captures its streams instead.
+  virtual void begin_capture() {}
+  virtual std::unique_ptr<Graph> end_capture();
+  virtual void abort_capture() {}
+  virtual bool records_on_host() const { return true; }
+  void destroy_graphs();
+
   virtual void* raw_alloc(int device, size_t bytes) = 0;
   virtual void raw_free(int device, void* ptr, size_t bytes) = 0;
   // Bytes the device can still give, for out-of-memory reports; 0 where unknown.
@@ -112,10 +152,35 @@ class Backend {
   struct Entry {
     void* ptr = nullptr;
     size_t bytes = 0;
+    size_t block = 0;   // bytes of the memory block behind ptr (>= bytes when taken from a pool)
+    size_t charge = 0;  // bytes counted in the device's in_use for this block
     int device = 0;
     uint32_t gen = 0;
     bool live = false;
   };
+  struct PoolBlock {
+    void* ptr;
+    size_t block, charge;
+    int device;
+  };
+  struct Capture {
+    std::vector<PoolBlock> pool;
+    std::set<uint64_t> used;  // ids the record reads or writes
+    std::vector<std::function<void()>> host_record;
+  };
+  struct GraphEntry {
+    std::unique_ptr<Graph> graph;
+    std::vector<PoolBlock> pool;
+    std::vector<uint64_t> used;  // ids outside the pool, checked live at launch
+  };
+  void release_pool(std::vector<PoolBlock>& pool);
+  uint64_t add_entry(void* ptr, size_t bytes, size_t block, size_t charge, int device);
+  void note_used(uint64_t id) {
+    if (capture_) capture_->used.insert(id);
+  }
+  std::unique_ptr<Capture> capture_;
+  std::map<uint32_t, GraphEntry> graphs_;
+  uint32_t next_graph_ = 1;
   std::string kind_;
   std::vector<Entry> table_;
   std::vector<uint32_t> free_slots_;

@@ -34,7 +34,7 @@ void* CachingAllocator::reuse(size_t size, size_t& real) {
   return p;
 }
 
-void* CachingAllocator::try_allocate(size_t bytes, const char* what) {
+void* CachingAllocator::try_allocate(size_t bytes, const char* what, bool may_empty) {
   const size_t size = round(bytes);
   std::lock_guard<std::mutex> lock(mu_);
   size_t real = size;
@@ -44,6 +44,7 @@ void* CachingAllocator::try_allocate(size_t bytes, const char* what) {
     cudaError_t e = cudaMalloc(&p, size);
     if (e == cudaErrorMemoryAllocation) {
       cudaGetLastError();  // not sticky: clear it
+      if (!may_empty) return nullptr;
       free_cached_locked();
       e = cudaMalloc(&p, size);
       if (e == cudaErrorMemoryAllocation) {

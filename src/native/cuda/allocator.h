@@ -26,7 +26,9 @@ class CachingAllocator {
 
   // A block of at least `bytes` (256-byte aligned), or nullptr when the device cannot hold it even
   // after the cache was emptied. `what` names the block in out-of-memory reports (a string literal).
-  void* try_allocate(size_t bytes, const char* what);
+  // With may_empty false (during a graph capture, where a device synchronisation is illegal) the
+  // cache is not emptied before giving up.
+  void* try_allocate(size_t bytes, const char* what, bool may_empty = true);
   // Returns a block to the cache; unknown pointers are ignored.
   void release(void* ptr);
   // Gives every cached block back to the driver (synchronises the device first).

@@ -45,7 +45,11 @@ CudaBackend::CudaBackend(int devices) : Backend("cuda", devices) {
     scratch_size_.push_back(0);
     lt_.push_back(nullptr);
     lt_ws_.push_back(nullptr);
+    cudaEvent_t fork;
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    fork_.push_back(fork);
   }
+  retired_scratch_.resize(devices);
   staging_.resize(devices);
 }
 
@@ -72,15 +76,17 @@ CudaBackend::~CudaBackend() {
       if (staging_[d].done[k]) cudaEventDestroy(staging_[d].done[k]);
     }
     cudaEventDestroy(events_[d]);
+    cudaEventDestroy(fork_[d]);
     cudaStreamDestroy(streams_[d]);
   }
 }
 
 void* CudaBackend::allocate(int device, size_t bytes, const char* what, const char* context, bool drop_scratch) {
   CachingAllocator& a = *allocators_[device];
-  if (void* p = a.try_allocate(bytes, what)) return p;
-  // Between ops nothing holds the scratch block: give it back too, and try once more.
-  if (drop_scratch && scratch_[device]) {
+  if (void* p = a.try_allocate(bytes, what, !capturing())) return p;
+  // Between ops nothing holds the scratch block: give it back too, and try once more (not while a
+  // graph may use it).
+  if (drop_scratch && scratch_[device] && !graphs_alive()) {
     a.release(scratch_[device]);
     scratch_[device] = nullptr;
     scratch_size_[device] = 0;
@@ -101,12 +107,21 @@ void CudaBackend::raw_free(int device, void* ptr, size_t bytes) {
 void* CudaBackend::scratch(int device, size_t bytes) {
   check_device(device);
   if (bytes <= scratch_size_[device] && scratch_[device]) return scratch_[device];
-  if (scratch_[device]) allocators_[device]->release(scratch_[device]);
+  if (!graphs_alive())
+    for (void* old : retired_scratch_[device]) allocators_[device]->release(old);
+  if (!graphs_alive()) retired_scratch_[device].clear();
+  if (scratch_[device]) {
+    // A graph bakes in the address of the block it was captured with.
+    if (graphs_alive())
+      retired_scratch_[device].push_back(scratch_[device]);
+    else
+      allocators_[device]->release(scratch_[device]);
+  }
   scratch_[device] = nullptr;
   scratch_size_[device] = 0;
   const size_t size = CachingAllocator::round(std::max<size_t>(bytes, 1));
   CachingAllocator& a = *allocators_[device];
-  void* p = a.try_allocate(size, "op scratch");
+  void* p = a.try_allocate(size, "op scratch", !capturing());
   if (!p) a.throw_out_of_memory(size, "for an op's scratch memory");
   scratch_[device] = p;
   scratch_size_[device] = size;
@@ -318,6 +333,105 @@ void CudaBackend::synchronize(int device) {
   check_device(device);
   CUDA_CHECK(cudaSetDevice(device));
   CUDA_CHECK(cudaStreamSynchronize(streams_[device]));
+}
+
+namespace {
+struct CudaGraph final : Backend::Graph {
+  cudaGraphExec_t exec = nullptr;
+  cudaStream_t stream = nullptr;
+  std::vector<cudaStream_t> others;
+  std::vector<cudaEvent_t> events;  // [0]: device 0's; [d]: device d's
+  size_t count = 0;
+  void launch() override {
+    CUDA_CHECK(cudaSetDevice(0));
+    // Work queued earlier on the other devices' streams comes first; their later work after.
+    for (size_t d = 1; d <= others.size(); ++d) {
+      CUDA_CHECK(cudaSetDevice(static_cast<int>(d)));
+      CUDA_CHECK(cudaEventRecord(events[d], others[d - 1]));
+      CUDA_CHECK(cudaSetDevice(0));
+      CUDA_CHECK(cudaStreamWaitEvent(stream, events[d], 0));
+    }
+    CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    if (!others.empty()) {
+      CUDA_CHECK(cudaEventRecord(events[0], stream));
+      for (size_t d = 1; d <= others.size(); ++d) {
+        CUDA_CHECK(cudaSetDevice(static_cast<int>(d)));
+        CUDA_CHECK(cudaStreamWaitEvent(others[d - 1], events[0], 0));
+      }
+    }
+  }
+  size_t nodes() const override { return count; }
+  ~CudaGraph() override {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+};
+}  // namespace
+
+void CudaBackend::begin_capture() {
+  CUDA_CHECK(cudaSetDevice(0));
+  CUDA_CHECK(cudaStreamBeginCapture(streams_[0], cudaStreamCaptureModeRelaxed));
+  // The other streams join the capture by waiting on an event of the capturing one.
+  if (streams_.size() > 1) {
+    CUDA_CHECK(cudaEventRecord(fork_[0], streams_[0]));
+    for (int d = 1; d < static_cast<int>(streams_.size()); ++d) {
+      CUDA_CHECK(cudaSetDevice(d));
+      CUDA_CHECK(cudaStreamWaitEvent(streams_[d], fork_[0], 0));
+    }
+  }
+}
+
+void CudaBackend::join_streams() {
+  for (int d = 1; d < static_cast<int>(streams_.size()); ++d) {
+    CUDA_CHECK(cudaSetDevice(d));
+    CUDA_CHECK(cudaEventRecord(fork_[d], streams_[d]));
+    CUDA_CHECK(cudaSetDevice(0));
+    CUDA_CHECK(cudaStreamWaitEvent(streams_[0], fork_[d], 0));
+  }
+  CUDA_CHECK(cudaSetDevice(0));
+}
+
+std::unique_ptr<Backend::Graph> CudaBackend::end_capture() {
+  join_streams();
+  cudaGraph_t graph = nullptr;
+  const cudaError_t e = cudaStreamEndCapture(streams_[0], &graph);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    if (graph) cudaGraphDestroy(graph);
+    throw MagixError("GRAPH_CAPTURE_FAILED",
+                     std::string("the captured work could not become a CUDA graph (") + cudaGetErrorName(e) + ": " +
+                         cudaGetErrorString(e) + "); a host synchronisation or another stream's work inside the capture " +
+                         "invalidates it")
+        .with("status", static_cast<int>(e));
+  }
+  auto g = std::make_unique<CudaGraph>();
+  g->stream = streams_[0];
+  g->events.push_back(fork_[0]);
+  for (size_t d = 1; d < streams_.size(); ++d) {
+    g->others.push_back(streams_[d]);
+    g->events.push_back(fork_[d]);
+  }
+  cudaError_t ie = cudaGraphGetNodes(graph, nullptr, &g->count);
+  if (ie == cudaSuccess) ie = cudaGraphInstantiate(&g->exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (ie != cudaSuccess) throw_cuda(ie, "cudaGraphInstantiate", __FILE__, __LINE__);
+  return g;
+}
+
+void CudaBackend::abort_capture() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaSetDevice(0);
+  if (cudaStreamIsCapturing(streams_[0], &status) == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+    for (int d = 1; d < static_cast<int>(streams_.size()); ++d) {
+      cudaSetDevice(d);
+      cudaEventRecord(fork_[d], streams_[d]);
+      cudaSetDevice(0);
+      cudaStreamWaitEvent(streams_[0], fork_[d], 0);
+    }
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(streams_[0], &graph);
+    if (graph) cudaGraphDestroy(graph);
+  }
+  cudaGetLastError();
 }
 
 }  // namespace magix::cuda

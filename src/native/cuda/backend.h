@@ -68,6 +68,12 @@ class CudaBackend final : public Backend {
   cudaEvent_t timing_event(int device, int slot);
 
  protected:
+  // Stream capture into one CUDA graph over every device's stream (fork from device 0's stream,
+  // joined back before the end), in relaxed mode so a cache miss may still cudaMalloc.
+  void begin_capture() override;
+  std::unique_ptr<Graph> end_capture() override;
+  void abort_capture() override;
+  bool records_on_host() const override { return false; }
   void* raw_alloc(int device, size_t bytes) override;
   void raw_free(int device, void* ptr, size_t bytes) override;
   size_t device_free(int device) const override;
@@ -85,7 +91,11 @@ class CudaBackend final : public Backend {
   std::vector<cudaEvent_t> events_;
   std::vector<int> sms_;
   std::vector<std::unique_ptr<CachingAllocator>> allocators_;
+  void join_streams();
   std::vector<void*> scratch_;
+  // Scratch blocks outgrown while a graph may still use them: freed once no graph exists.
+  std::vector<std::vector<void*>> retired_scratch_;
+  std::vector<cudaEvent_t> fork_;
   std::vector<size_t> scratch_size_;
   std::vector<cublasLtHandle_t> lt_;
   std::vector<void*> lt_ws_;

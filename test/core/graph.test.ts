@@ -1,0 +1,218 @@
+/**
+ * Graph capture and replay (core/backend.ts Graphs; jit's `graph` option). On the CPU backend a
+ * graph is the recorded op list, so everything a CUDA graph must get right shows here too: a
+ * captured train step gives the same losses and parameters bit for bit as op-by-op replay over
+ * fresh batches (the inputs are copied into the graph's buffers, results copied out), memory freed
+ * inside the capture stays with the graph until it is destroyed, host transfers are refused inside
+ * a capture, and a launch over a freed buffer is a typed error, never a write into freed memory.
+ */
+import { Effect } from "effect"
+import { describe, expect, it } from "vitest"
+import type { Backend } from "../../src/core/backend.ts"
+import { NativeInvariantViolation } from "../../src/core/errors.ts"
+import { jit } from "../../src/core/jit.ts"
+import { placeBatch } from "../../src/core/models/batch.ts"
+import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
+import { add, scale } from "../../src/core/ops/elementwise.ts"
+import { adamw, chain, clipByGlobalNorm, initializeOptState } from "../../src/core/optim.ts"
+import { fromHost, type ShardedArray, shardToHost, toHost } from "../../src/core/shardedArray.ts"
+import { NamedSharding, P } from "../../src/core/sharding.ts"
+import { makeTrainStep } from "../../src/core/train.ts"
+import { Devices } from "../../src/layers/Devices.ts"
+import { loadModelHub } from "../../src/layers/loadModel.ts"
+import { mesh, runCpu } from "../helpers.ts"
+import { makeBatch } from "../parallel/equivalenceRun.ts"
+
+const STEPS = 5
+
+/** Five train steps of the llama fixture on a 2×2 mesh, each on another batch. */
+const train = (graph: boolean) =>
+  runCpu(
+    4,
+    Effect.gen(function* () {
+      const { engine } = yield* Devices
+      const m = mesh([2, 2])
+      const { model, params } = yield* loadModelHub(
+        LlamaForCausalLM,
+        "llama",
+        LlamaForCausalLM.partitionRules,
+        m,
+      )
+      const opt = chain(clipByGlobalNorm(1), adamw({ lr: 1e-2 }))
+      const st = yield* initializeOptState(opt, params, LlamaForCausalLM.partitionRules, m)
+      const step = makeTrainStep(model, opt, { graph })
+      const host = makeBatch(model.config.vocabSize)
+      const losses: number[] = []
+      const results = []
+      for (let s = 0; s < STEPS; s++) {
+        // Another batch every step: a graph that kept reading the first one would show.
+        const ids = host.inputIds.map((t, i) => (t === 0 ? 0 : 3 + ((t + 7 * s + i) % 200)))
+        const { batch } = yield* placeBatch(engine, m, { ...host, inputIds: ids })
+        const out = yield* step(params, st, batch)
+        losses.push(Number(shardToHost(out.loss, 0)[0]))
+        results.push(out.loss)
+      }
+      // Each step's result is its own: later launches did not overwrite earlier ones.
+      const kept = results.map((l) => Number(shardToHost(l, 0)[0]))
+      const counts = { launches: step.graphLaunches, nodes: step.graphNodes, error: step.graphError }
+      step.dispose()
+      return {
+        losses,
+        kept,
+        counts,
+        params: Object.fromEntries(
+          Object.entries(params).map(([k, a]) => [k, Array.from(toHost(a) as Float32Array)]),
+        ),
+      }
+    }),
+  )
+
+describe("graph replay of a jitted step", () => {
+  it("a captured train step matches op-by-op replay bit for bit over changing batches", async () => {
+    const plain = await train(false)
+    const graphed = await train(true)
+    expect(plain.counts.launches).toBe(0)
+    // Call 1 traces, call 2 replays op by op (warm-up), calls 3-5 launch the graph.
+    expect(graphed.counts.error).toBeUndefined()
+    expect(graphed.counts.launches).toBe(STEPS - 2)
+    expect(graphed.counts.nodes).toHaveLength(1)
+    expect(graphed.counts.nodes[0]).toBeGreaterThan(100)
+    expect(graphed.losses).toEqual(plain.losses)
+    expect(new Set(graphed.losses).size).toBe(STEPS)
+    expect(graphed.kept).toEqual(graphed.losses)
+    for (const [name, p] of Object.entries(plain.params)) expect(graphed.params[name], name).toEqual(p)
+  })
+
+  it("serves fresh results per launch and replays op by op when the donated arrays differ", async () => {
+    const out = await runCpu(
+      1,
+      Effect.gen(function* () {
+        const { engine } = yield* Devices
+        const m = mesh([1, 1])
+        const place = (v: number) =>
+          fromHost(engine, new Float32Array([v, v, v, v]), [4], "float32", new NamedSharding(m, P()))
+        const step = jit(
+          (acc: ShardedArray, x: ShardedArray) => {
+            add(acc, x, acc)
+            return { acc, twice: scale(x, 2) }
+          },
+          { donate: [0], graph: true },
+        )
+        const acc = yield* place(0)
+        const twice: ShardedArray[] = []
+        for (let k = 1; k <= 4; k++) twice.push((yield* step(acc, yield* place(k))).twice)
+        const launched = step.graphLaunches
+        const other = yield* place(100)
+        const r = yield* step(other, yield* place(5))
+        const seen = {
+          launched,
+          after: step.graphLaunches,
+          acc: Array.from(toHost(acc) as Float32Array),
+          other: Array.from(toHost(other) as Float32Array),
+          same: r.acc === other,
+          twice: twice.map((t) => (toHost(t) as Float32Array)[0]),
+        }
+        step.dispose()
+        return seen
+      }),
+    )
+    expect(out.launched).toBe(2)
+    expect(out.after).toBe(2)
+    expect(out.acc).toEqual([10, 10, 10, 10])
+    expect(out.other).toEqual([105, 105, 105, 105])
+    expect(out.same).toBe(true)
+    expect(out.twice).toEqual([2, 4, 6, 8])
+  })
+})
+
+describe("native graphs (CPU backend)", () => {
+  const withBackend = <A>(f: (b: Backend) => A) =>
+    runCpu(
+      1,
+      Effect.gen(function* () {
+        const { engine } = yield* Devices
+        return f(engine.backend)
+      }),
+    )
+  const f32 = (b: Backend, id: number, n: number) => new Float32Array(b.read(id, 0, 4 * n).slice().buffer)
+
+  it("records ops instead of running them, and each launch runs them again", async () => {
+    const seen = await withBackend((b) => {
+      const g = b.graphs!
+      const x = b.alloc(0, 16)
+      const y = b.alloc(0, 16)
+      b.write(x, 0, new Float32Array([1, 2, 3, 4]))
+      b.write(y, 0, new Float32Array([10, 20, 30, 40]))
+      g.begin()
+      b.exec("axpby", [x, y], [0, 4, 1, 1]) // y = x + y
+      const id = g.end()
+      const afterCapture = f32(b, y, 4)
+      g.launch(id)
+      const once = f32(b, y, 4)
+      g.launch(id)
+      const twice = f32(b, y, 4)
+      const nodes = g.nodes(id)
+      g.destroy(id)
+      b.free(x)
+      b.free(y)
+      return { afterCapture, once, twice, nodes }
+    })
+    expect(Array.from(seen.afterCapture)).toEqual([10, 20, 30, 40])
+    expect(Array.from(seen.once)).toEqual([11, 22, 33, 44])
+    expect(Array.from(seen.twice)).toEqual([12, 24, 36, 48])
+    expect(seen.nodes).toBe(1)
+  })
+
+  it("keeps memory freed inside a capture until the graph is destroyed", async () => {
+    const seen = await withBackend((b) => {
+      const g = b.graphs!
+      const base = b.stats(0).inUse
+      g.begin()
+      const t = b.alloc(0, 1 << 20)
+      b.free(t)
+      // Taken again from the graph's pool: still one block's worth in use.
+      const u = b.alloc(0, 1 << 20)
+      b.free(u)
+      const id = g.end()
+      const held = b.stats(0).inUse - base
+      g.destroy(id)
+      return { held, after: b.stats(0).inUse - base }
+    })
+    expect(seen.held).toBe(1 << 20)
+    expect(seen.after).toBe(0)
+  })
+
+  it("refuses host transfers inside a capture and launches over freed buffers, with typed errors", async () => {
+    const seen = await withBackend((b) => {
+      const g = b.graphs!
+      const x = b.alloc(0, 16)
+      const y = b.alloc(0, 16)
+      const errors: unknown[] = []
+      const attempt = (f: () => void) => {
+        try {
+          f()
+        } catch (e) {
+          errors.push(e)
+        }
+      }
+      g.begin()
+      attempt(() => b.write(x, 0, new Float32Array(4)))
+      attempt(() => b.read(x, 0, 16))
+      attempt(() => g.begin())
+      b.exec("axpby", [x, y], [0, 4, 1, 1])
+      const id = g.end()
+      b.free(x)
+      attempt(() => g.launch(id))
+      g.destroy(id)
+      attempt(() => g.launch(id))
+      b.free(y)
+      return errors.map((e) => [e instanceof NativeInvariantViolation, String((e as Error).message)] as const)
+    })
+    expect(seen.map(([typed]) => typed)).toEqual([true, true, true, true, true])
+    expect(seen[0]![1]).toMatch(/host data cannot enter a graph capture/)
+    expect(seen[1]![1]).toMatch(/cannot read device memory/)
+    expect(seen[2]![1]).toMatch(/already running/)
+    expect(seen[3]![1]).toMatch(/does not exist or was already freed/)
+    expect(seen[4]![1]).toMatch(/graph \d+ does not exist/)
+  })
+})
