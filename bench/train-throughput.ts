@@ -236,7 +236,7 @@ const program = Effect.gen(function* () {
   console.log(`losses ${losses.map((l) => l.toFixed(3)).join(" ")}`)
   const device = devices.info[0]?.name ?? devices.platform
   console.log(
-    `wrote ${writeResult(`train-throughput${process.argv.includes("3b") ? "-3b" : ""}${REMAT ? "-remat" : ""}-s${T}-b${B}`, device, { model: process.argv.includes("3b") ? "Llama-3.2-3B shape" : "Llama-3.2-1B shape", ...SHAPE, parameters: parameterCount(config), remat: REMAT, ...row, healthy, losses, stepTimesMs: times, baselines, profile })}`,
+    `wrote ${writeResult(`train-throughput${process.argv.includes("3b") ? "-3b" : ""}${REMAT ? "-remat" : ""}${graph || !cuda ? "" : "-nograph"}${PROFILE ? "-profile" : ""}-s${T}-b${B}`, device, { model: process.argv.includes("3b") ? "Llama-3.2-3B shape" : "Llama-3.2-1B shape", ...SHAPE, parameters: parameterCount(config), remat: REMAT, ...row, healthy, losses, stepTimesMs: times, baselines, profile })}`,
   )
   if (!healthy) process.exitCode = 1
 })
