@@ -16,12 +16,15 @@
 // Two paths:
 // - bfloat16 with hd 64 or 128: FlashAttention-2 on the tensor cores (mma.sync m16n8k16 bf16 →
 //   float32 via inline PTX; operands from shared memory through ldmatrix; tiles staged by cp.async).
-//   Forward: a block of 4 warps owns 64 queries of one (batch, head); each warp owns 16 query rows
-//   with its Q fragments, S tile, running max/sum and O accumulator in registers. Key/value tiles of
-//   64 rows are double-buffered in shared memory; for each: S = Q·Kᵀ, visibility (only on tiles
-//   that causality, the window, the sequence end or the key mask cut; tiles they hide entirely are
-//   skipped), online softmax in base 2 (the row max and sum across the 4 threads of an mma quad),
-//   P packed to bf16 straight from the S accumulators into A fragments, O += P·V.
+//   Forward: a block of 4 warps owns 64 queries (hd 64, T ≤ 2048: 16 rows a warp, 4 blocks per
+//   multiprocessor) or 128 (32 rows a warp, two 16-row blocks sharing each K/V fragment) of one
+//   (batch, head); each warp keeps its S tile, running max/sum and O accumulator in registers (Q
+//   fragments too, except for hd 128). Key/value tiles of 64 rows are double-buffered in shared
+//   memory; for each: S = Q·Kᵀ on raw scores, visibility (only where causality, the window, the
+//   sequence end or the key mask cut the warp's rows; tiles they hide from all of a warp's rows
+//   are skipped by that warp), online softmax in base 2 with the scale folded into the exponent's
+//   FFMA (the row max and sum across the 4 threads of an mma quad; O is rescaled only when some
+//   row's max grew), P packed to bf16 straight from the S accumulators into A fragments, O += P·V.
 //   Backward: first D = rowsum(dO·o) per query row (float32 scratch; the same kernel zeroes the
 //   float32 dq accumulator). Then a block of 4 warps owns 64 keys of one (batch, KV head): K and V
 //   stay in shared memory, each warp owns 16 key rows with dK and dV accumulators in registers,
@@ -47,7 +50,6 @@ namespace {
 using flash::BwdCfg;
 using flash::flash_bwd;
 using flash::flash_fwd;
-using flash::FwdCfg;
 using flash::kLog2e;
 using flash::Params;
 
@@ -265,12 +267,12 @@ void allow_smem(K kernel, size_t bytes, int device, unsigned long long& done) {
 
 unsigned warp_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRefWarps - 1) / kRefWarps); }
 
-template <int HD>
+template <class C>
 void launch_fwd(const Params& p, int dev, cudaStream_t s) {
   static unsigned long long done = 0;
-  allow_smem(flash_fwd<HD>, FwdCfg<HD>::smem, dev, done);
-  const int64_t blocks = (p.T + FwdCfg<HD>::BM - 1) / FwdCfg<HD>::BM * p.B * p.Hq;
-  flash_fwd<HD><<<static_cast<unsigned>(blocks), FwdCfg<HD>::THREADS, FwdCfg<HD>::smem, s>>>(p);
+  allow_smem(flash_fwd<C>, C::smem, dev, done);
+  const int64_t blocks = (p.T + C::BM - 1) / C::BM * p.B * p.Hq;
+  flash_fwd<C><<<static_cast<unsigned>(blocks), C::THREADS, C::smem, s>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -300,9 +302,10 @@ void attention_fwd(OpCtx& c) {
     if (p.B * p.Hq * p.T == 0) return;
     const bool fast = sizeof(T) == 2 && (p.hd == 64 || p.hd == 128) && !reference_forced() && aligned16(p.q, p.k, p.v, p.out);
     if (fast) {
-      check_grid(c, (p.T + 63) / 64 * p.B * p.Hq);
-      if (p.hd == 64) launch_fwd<64>(p, dev, s);
-      else launch_fwd<128>(p, dev, s);
+      check_grid(c, (p.T + 63) / 64 * p.B * p.Hq);  // blocks of 64 or 128 queries
+      if (p.hd == 128) launch_fwd<flash::FwdHd128>(p, dev, s);
+      else if (p.T > 2048) launch_fwd<flash::FwdHd64Long>(p, dev, s);
+      else launch_fwd<flash::FwdHd64>(p, dev, s);
     } else {
       check_grid(c, p.B * p.Hq * p.T / kRefWarps + 1);
       ref_fwd<T><<<warp_blocks(p.B * p.Hq * p.T), 32 * kRefWarps, 0, s>>>(p);

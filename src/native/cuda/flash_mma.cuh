@@ -15,7 +15,7 @@
 #ifndef MAGIX_FLASH_EMULATE
 #include <cuda_runtime.h>
 #define FLASH_DEVICE __device__ __forceinline__
-#define FLASH_KERNEL __global__ void __launch_bounds__(128)
+#define FLASH_KERNEL(threads, minblocks) __global__ void __launch_bounds__(threads, minblocks)
 #define FLASH_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
@@ -70,6 +70,18 @@ FLASH_DEVICE void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }
+// The same from a shared-memory address (smem_addr): a base register plus constant offsets
+// needs no 64-bit pointer per fragment.
+FLASH_DEVICE void ldsm_x4(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+FLASH_DEVICE void ldsm_x4_t(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
 
 // d += a·b for a 16×16 bf16 A (row), a 16×8 bf16 B (col), float32 C/D. Fragments (g = lane/4,
 // q = lane%4): A a0 (g, 2q..2q+1), a1 (g+8, 2q..), a2 (g, 8+2q..), a3 (g+8, 8+2q..); B b0 (k 2q..2q+1,
@@ -84,6 +96,7 @@ FLASH_DEVICE void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, u
 
 FLASH_DEVICE float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 FLASH_DEVICE void sync_block() { __syncthreads(); }
+FLASH_DEVICE bool any_warp(bool v) { return __any_sync(0xffffffffu, v); }
 FLASH_DEVICE void atomic_add2(float* p, float a, float b) { atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b)); }
 FLASH_DEVICE int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 FLASH_DEVICE int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -103,16 +116,31 @@ FLASH_DEVICE void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&h
   a[3] = pack2(hi[2], hi[3]);
 }
 
-template <int HD>
-struct FwdCfg {
-  static constexpr int BM = 64, BN = 64, LD = HD + 8, THREADS = 128;
+// Forward block shapes. W warps own RB·16 query rows each (BM = 16·RB·W queries of one (batch,
+// head)); keys come in tiles of BN rows, double-buffered. With RB = 2 each K or V fragment read
+// from shared memory feeds two mma (the warp's two 16-row blocks), halving the ldmatrix traffic
+// per mma, and the two blocks give each warp independent work. QREG keeps the Q fragments in
+// registers for the whole block (else they are read again from shared memory for each key
+// tile); MINB is the blocks per multiprocessor the registers are sized for (__launch_bounds__).
+template <int HD_, int W_, int RB_, int BN_, bool QREG_, int MINB_>
+struct FwdShape {
+  static constexpr int HD = HD_, W = W_, RB = RB_, BM = 16 * RB_ * W_, BN = BN_, LD = HD_ + 8, THREADS = 32 * W_,
+                       MINB = MINB_;
+  static constexpr bool QREG = QREG_;
   static constexpr size_t smem = sizeof(bf16) * (BM + 4 * BN) * LD + 2 * BN;
 };
+// The shapes the dispatch uses (timed on an H200, B 8, causal): for hd 128, 128 queries by 4
+// warps of 32 rows, Q re-read from shared memory (registers hold 2×16×128 of O); for hd 64, 64
+// queries by 4 warps of 16 rows at 4 blocks per multiprocessor up to T = 2048 (more blocks, less
+// work lost on the causal diagonal), and the 128-query shape above that.
+using FwdHd128 = FwdShape<128, 4, 2, 64, false, 1>;
+using FwdHd64 = FwdShape<64, 4, 1, 64, true, 4>;
+using FwdHd64Long = FwdShape<64, 4, 2, 64, true, 1>;
 
-template <int HD>
-FLASH_KERNEL flash_fwd(const Params p) {
-  using C = FwdCfg<HD>;
-  constexpr int BM = C::BM, BN = C::BN, LD = C::LD, CH = HD / 8, KC = HD / 16, NT = BN / 8, DT = HD / 8;
+template <class C>
+FLASH_KERNEL(C::THREADS, C::MINB) flash_fwd(const Params p) {
+  constexpr int HD = C::HD, BM = C::BM, BN = C::BN, LD = C::LD, CH = HD / 8, KC = HD / 16, NT = BN / 8, DT = HD / 8;
+  constexpr int RB = C::RB, WR = 16 * RB;  // rows per warp
   FLASH_SMEM(smem);
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + BM * LD;      // [2][BN][LD]
@@ -169,112 +197,171 @@ FLASH_KERNEL flash_fwd(const Params p) {
   load_kv(0, klo);
   cp_async_commit();
 
-  float o[DT][4];
+  // Scores stay raw (unscaled) until the exponent: exp2(s·c − m·c) is one FFMA, with
+  // c = |scale|·log2(e) > 0. A negative scale negates the Q fragments instead (exact in bf16),
+  // so that the running max of the raw scores is the max of the scaled ones; a zero scale
+  // becomes the smallest normal float (every exponent rounds to 0, as it should).
+  const float c = fmaxf(fabsf(p.scale_log2), 1.17549435e-38f);
+  const uint32_t qneg = p.scale_log2 < 0.f ? 0x80008000u : 0u;
+  // This warp's query rows [qa, qa + WR − 1] (positions in the key sequence) and whether any is real.
+  const int64_t qa = p.qOffset + t0 + warp * WR;
+  const bool wlive = t0 + warp * WR < p.T;
+  // Shared-memory byte addresses of this lane's ldmatrix rows; the fragment loops add constants.
+  constexpr uint32_t RS = LD * sizeof(bf16);  // bytes per row
+  const uint32_t aQ = smem_addr(Qs + (warp * WR + (lane & 15)) * LD + (lane >> 4) * 8);
+  const uint32_t aK = smem_addr(Ks + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8);
+  const uint32_t aV = smem_addr(Vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8);
+
+  float o[RB][DT][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
-  uint32_t qf[KC][4];
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[rb][i][0] = o[rb][i][1] = o[rb][i][2] = o[rb][i][3] = 0.f;
+  // Row r of the thread: block r / 2, g + 8·(r % 2).
+  float mrow[2 * RB], lrow[2 * RB];
+#pragma unroll
+  for (int r = 0; r < 2 * RB; ++r) mrow[r] = -INFINITY, lrow[r] = 0.f;
+  uint32_t qf[C::QREG ? RB : 1][C::QREG ? KC : 1][4];
 
   for (int j = 0; j < ntiles; ++j) {
     cp_async_wait_all();
     sync_block();  // tile j has landed; everyone is done with tile j − 1's buffers
-    if (j == 0) {
+    if (C::QREG && j == 0) {
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) ldsm_x4(qf[kc], Qs + (warp * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+      for (int rb = 0; rb < (C::QREG ? RB : 0); ++rb)
+#pragma unroll
+        for (int kc = 0; kc < KC; ++kc) {
+          ldsm_x4(qf[C::QREG ? rb : 0][C::QREG ? kc : 0], aQ + rb * 16 * RS + kc * 32);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qf[C::QREG ? rb : 0][C::QREG ? kc : 0][e] ^= qneg;
+        }
     }
     if (j + 1 < ntiles) load_kv((j + 1) & 1, klo + static_cast<int64_t>(j + 1) * BN);
     cp_async_commit();
     const int64_t s0 = klo + static_cast<int64_t>(j) * BN;
-    const bf16* Kt = Ks + (j & 1) * BN * LD;
-    const bf16* Vt = Vs + (j & 1) * BN * LD;
+    // Tiles that causality or the window hide from every row of this warp (rows past T too)
+    // change nothing: skip them (warp-uniform; the block still meets at the barrier).
+    if (!wlive || (p.causal && s0 > qa + WR - 1) || (p.window > 0 && qa - (s0 + BN - 1) >= p.window)) continue;
+    const uint32_t aKt = aK + (j & 1) * BN * RS, aVt = aV + (j & 1) * BN * RS;
     const uint8_t* Mt = Ms + (j & 1) * BN;
 
-    // S = Q·Kᵀ: 16 rows × 64 keys per warp.
-    float sacc[NT][4];
+    // S = Q·Kᵀ: WR rows × BN keys per warp.
+    float sacc[RB][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
+    for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) sacc[rb][i][0] = sacc[rb][i][1] = sacc[rb][i][2] = sacc[rb][i][3] = 0.f;
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) {
+      uint32_t qs[RB][4];
+      if (!C::QREG) {
+#pragma unroll
+        for (int rb = 0; rb < RB; ++rb) {
+          ldsm_x4(qs[rb], aQ + rb * 16 * RS + kc * 32);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qs[rb][e] ^= qneg;
+        }
+      }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t bb[4];
-        ldsm_x4(bb, Kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kc * 16 + ((lane >> 3) & 1) * 8);
-        mma16816(sacc[2 * np], qf[kc], bb[0], bb[1]);
-        mma16816(sacc[2 * np + 1], qf[kc], bb[2], bb[3]);
-      }
-    }
-    // Scale into base 2; hide what the row may not see (only tiles that cut something).
-    const bool full = !p.mask && s0 + BN <= p.S && (!p.causal || s0 + BN - 1 <= p.qOffset + t0) &&
-                      (p.window == 0 || p.qOffset + t0 + BM - 1 - s0 < p.window);
+        ldsm_x4(bb, aKt + np * 16 * RS + kc * 32);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = sacc[nt][e] * p.scale_log2;
-        if (!full) {
-          const int row = warp * 16 + g + (e >= 2 ? 8 : 0), col = nt * 8 + 2 * tq + (e & 1);
-          const int64_t qpos = p.qOffset + t0 + row, s = s0 + col;
-          const bool vis = s < p.S && (!p.mask || Mt[col]) && (!p.causal || s <= qpos) && (p.window == 0 || qpos - s < p.window);
-          if (!vis) x = -INFINITY;
+        for (int rb = 0; rb < RB; ++rb) {
+          const uint32_t(&qk)[4] = C::QREG ? qf[C::QREG ? rb : 0][C::QREG ? kc : 0] : qs[rb];
+          mma16816(sacc[rb][2 * np], qk, bb[0], bb[1]);
+          mma16816(sacc[rb][2 * np + 1], qk, bb[2], bb[3]);
         }
-        sacc[nt][e] = x;
       }
     }
-    // Online softmax for the thread's two rows (g and g + 8); a row lives on the 4 threads of a quad.
+    // Hide what a row may not see, only on tiles that cut something for this warp's rows.
+    const bool full = !p.mask && s0 + BN <= p.S && (!p.causal || s0 + BN - 1 <= qa) &&
+                      (p.window == 0 || qa + WR - 1 - s0 < p.window);
+    if (!full) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
+      for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * r], sacc[nt][2 * r + 1]));
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + 2 * tq + (e & 1);
+            const int64_t qpos = qa + rb * 16 + g + (e >= 2 ? 8 : 0), s = s0 + col;
+            const bool vis = s < p.S && (!p.mask || Mt[col]) && (!p.causal || s <= qpos) && (p.window == 0 || qpos - s < p.window);
+            if (!vis) sacc[rb][nt][e] = -INFINITY;
+          }
+        }
+    }
+    // Online softmax; a row lives on the 4 threads of a quad.
+    float corr[2 * RB];
+    bool grew = false;
+#pragma unroll
+    for (int r = 0; r < 2 * RB; ++r) {
+      const int rb = r >> 1, h2 = 2 * (r & 1);
+      float mx = mrow[r];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[rb][nt][h2], sacc[rb][nt][h2 + 1]));
       mx = fmaxf(mx, shfl_xor(mx, 1));
       mx = fmaxf(mx, shfl_xor(mx, 2));
-      const float mnew = fmaxf(mrow[r], mx);
-      const float muse = mnew == -INFINITY ? 0.f : mnew;  // a row with nothing visible yet stays at 0
-      const float corr = exp2f(mrow[r] - muse);
-      mrow[r] = mnew;
+      const float mc = mx == -INFINITY ? 0.f : mx * c;  // a row with nothing visible yet stays at 0
+      corr[r] = mx == mrow[r] ? 1.f : exp2f(mrow[r] * c - mc);
+      grew |= mx != mrow[r];
+      mrow[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const float p0 = exp2f(sacc[nt][2 * r] - muse), p1 = exp2f(sacc[nt][2 * r + 1] - muse);
-        sacc[nt][2 * r] = p0;
-        sacc[nt][2 * r + 1] = p1;
+        const float p0 = exp2f(fmaf(sacc[rb][nt][h2], c, -mc)), p1 = exp2f(fmaf(sacc[rb][nt][h2 + 1], c, -mc));
+        sacc[rb][nt][h2] = p0;
+        sacc[rb][nt][h2 + 1] = p1;
         sum += p0 + p1;
       }
-      lrow[r] = lrow[r] * corr + sum;
+      lrow[r] = lrow[r] * corr[r] + sum;
+    }
+    // O *= corr, skipped when no row of the warp found a larger max (corr = 1 exactly then).
+    if (any_warp(grew)) {
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[dt][2 * r] *= corr;
-        o[dt][2 * r + 1] *= corr;
-      }
+      for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[rb][dt][0] *= corr[2 * rb];
+          o[rb][dt][1] *= corr[2 * rb];
+          o[rb][dt][2] *= corr[2 * rb + 1];
+          o[rb][dt][3] *= corr[2 * rb + 1];
+        }
     }
     // O += P·V
 #pragma unroll
     for (int kc = 0; kc < BN / 16; ++kc) {
-      uint32_t a[4];
-      c_to_a(a, sacc[2 * kc], sacc[2 * kc + 1]);
+      uint32_t a[RB][4];
+#pragma unroll
+      for (int rb = 0; rb < RB; ++rb) c_to_a(a[rb], sacc[rb][2 * kc], sacc[rb][2 * kc + 1]);
 #pragma unroll
       for (int dp = 0; dp < HD / 16; ++dp) {
         uint32_t bb[4];
-        ldsm_x4_t(bb, Vt + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-        mma16816(o[2 * dp], a, bb[0], bb[1]);
-        mma16816(o[2 * dp + 1], a, bb[2], bb[3]);
+        ldsm_x4_t(bb, aVt + kc * 16 * RS + dp * 32);
+#pragma unroll
+        for (int rb = 0; rb < RB; ++rb) {
+          mma16816(o[rb][2 * dp], a[rb], bb[0], bb[1]);
+          mma16816(o[rb][2 * dp + 1], a[rb], bb[2], bb[3]);
+        }
       }
     }
   }
+  cp_async_wait_all();  // nothing may still be in flight when the block ends
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2 * RB; ++r) {
+    const int rb = r >> 1, h2 = 2 * (r & 1);
     float l = lrow[r];
     l += shfl_xor(l, 1);
     l += shfl_xor(l, 2);
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int64_t t = t0 + warp * 16 + g + r * 8;
+    const int64_t t = t0 + warp * WR + rb * 16 + g + (r & 1) * 8;
     if (t < p.T) {
       bf16* orow = obase + t * qstride;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
-        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tq) = pack2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-      if (tq == 0) lsebase[t] = l > 0.f ? (mrow[r] + log2f(l)) * kLn2 : -INFINITY;
+        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * tq) = pack2(o[rb][dt][h2] * inv, o[rb][dt][h2 + 1] * inv);
+      if (tq == 0) lsebase[t] = l > 0.f ? (mrow[r] * c + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 }
@@ -290,7 +377,7 @@ struct BwdCfg {
 };
 
 template <int HD>
-FLASH_KERNEL flash_bwd(const Params p) {
+FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
   using C = BwdCfg<HD>;
   constexpr int BN = C::BN, BM = C::BM, LD = C::LD, LDS = C::LDS, CH = HD / 8, KC = HD / 16, NQ = BM / 8, DT = HD / 8;
   constexpr int DQC = C::DQC, RB = BM / 16;
