@@ -10,6 +10,7 @@
  * needs its all-reduce and FSDP its reduce-scatter. The cotangent of an array that is partial
  * over some axes is replicated over them: every rank's partial value has the same derivative.
  */
+import { hasLayout, sameLayout } from "./collectives.ts"
 import type { Engine } from "./engine.ts"
 import { add, fillArray } from "./ops/elementwise.ts"
 import type { ShardedArray } from "./shardedArray.ts"
@@ -48,11 +49,6 @@ export const record = (engine: Engine, node: TapeNode): void => {
 
 /** Whether x's gradient is wanted (asked while recording: frozen weights are skipped in backward). */
 export const wantsGrad = (engine: Engine, x: ShardedArray): boolean => engine.tape?.tracked.has(x) ?? false
-
-const sameLayout = (a: ShardedArray, b: ShardedArray) =>
-  a.spec.padTo(a.rank).equals(b.spec.padTo(b.rank)) &&
-  a.partial.length === b.partial.length &&
-  a.partial.every((x) => b.partial.includes(x))
 
 /** Adds a cotangent contribution for x into the map, reconciling layouts when they differ. */
 const accumulate = (
@@ -168,6 +164,9 @@ export const valueAndGrad =
       const grads = mapWithPath(params, isShardedArray, (_, p) => {
         const ct = cts.get(p)
         if (!ct) return fillArray(engine, p.shape, p.dtype, p.sharding, 0)
+        // The accumulated cotangent is the gradient when it is already laid out as p (on one
+        // device it always is): handed over, not copied.
+        if (hasLayout(ct, p.spec)) return ct
         const g = engine.collectives.relayout(ct, p.spec)
         ct.dispose()
         return g

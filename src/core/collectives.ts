@@ -14,7 +14,7 @@ import { dtypeCode, itemSize } from "./dtype.ts"
 import type { Mesh } from "./mesh.ts"
 import { numel } from "./shape.ts"
 import { allocateArray, type ShardedArray } from "./shardedArray.ts"
-import { NamedSharding, PartitionSpec } from "./sharding.ts"
+import { NamedSharding, PartitionSpec, sameSplit } from "./sharding.ts"
 
 /** Which communicator a collective runs on: a group of a mesh over some axes. */
 export interface CommKey {
@@ -249,6 +249,13 @@ export class Collectives {
    */
   relayout(x: ShardedArray, target: PartitionSpec): ShardedArray {
     const rank = x.rank
+    // Only axes of one device differ: the data stays where it is (a copy, under the new spec).
+    if (hasLayout(x, target)) {
+      const out = allocateArray(x.engine, x.shape, x.dtype, new NamedSharding(x.mesh, target.padTo(rank)))
+      for (let p = 0; p < x.mesh.size; p++)
+        x.engine.backend.copy(out.buffer(p), 0, x.buffer(p), 0, x.bytesPerDevice)
+      return out
+    }
     const want = target.padTo(rank).entries
     let cur = x
     const step = (next: ShardedArray) => {
@@ -294,4 +301,10 @@ export class Collectives {
 
 /** True when x already has this layout (spec and no partial sums). */
 export const hasLayout = (x: ShardedArray, target: PartitionSpec): boolean =>
-  x.partial.length === 0 && x.spec.padTo(x.rank).equals(target.padTo(x.rank))
+  x.partial.length === 0 && sameSplit(x.mesh, x.spec, target, x.rank)
+
+/** True when a and b are split alike (axes of one device aside) with the same partial sums. */
+export const sameLayout = (a: ShardedArray, b: ShardedArray): boolean =>
+  sameSplit(a.mesh, a.spec, b.spec, Math.max(a.rank, b.rank)) &&
+  a.partial.length === b.partial.length &&
+  a.partial.every((x) => b.partial.includes(x))

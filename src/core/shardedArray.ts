@@ -34,12 +34,18 @@ export class ShardedArray implements Disposable {
     readonly sharding: NamedSharding,
     /** One buffer per mesh position, in mesh order. */
     readonly buffers: ReadonlyArray<BufferId>,
-    readonly partial: ReadonlyArray<string> = [],
+    partial: ReadonlyArray<string> = [],
     /** Set on a view: the array whose buffers this one reinterprets (and which must outlive it). */
     readonly base?: ShardedArray,
   ) {
+    // A partial sum over an axis of one device is already complete: leaving such axes out keeps
+    // later layout changes from copying data that would not move.
+    this.partial = partial.filter((a) => sharding.mesh.axisSize(a) > 1)
     engine.track(this)
   }
+
+  /** Mesh axes whose values must still be summed (each of more than one device). */
+  readonly partial: ReadonlyArray<string>
 
   get mesh() {
     return this.sharding.mesh

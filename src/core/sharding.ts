@@ -61,6 +61,15 @@ export class PartitionSpec {
   }
 }
 
+/**
+ * Whether two specs split an array of this rank the same way on `mesh`: equal once the mesh's
+ * axes of size 1 are left out (splitting over one device changes nothing, so no data moves).
+ */
+export const sameSplit = (mesh: Mesh, a: PartitionSpec, b: PartitionSpec, rank: number): boolean => {
+  const trivial = mesh.axisNames.filter((n) => mesh.axisSize(n) === 1)
+  return a.padTo(rank).without(trivial).equals(b.padTo(rank).without(trivial))
+}
+
 /** `P("data", "model")`, `P(null, ["data", "model"])`: JAX's PartitionSpec(...) spelling. */
 export const P = (...entries: SpecEntry[]): PartitionSpec => new PartitionSpec(entries)
 

@@ -2,6 +2,7 @@
  * Elementwise ops on arrays of one layout: fill, add (the residual connection), scale.
  */
 import { record } from "../autodiff.ts"
+import { sameLayout } from "../collectives.ts"
 import { type DType, dtypeCode } from "../dtype.ts"
 import type { Engine } from "../engine.ts"
 import { numel, type Shape } from "../shape.ts"
@@ -21,11 +22,6 @@ export const fillArray = (
   execEach(engine, out, "fill", (p) => [out.buffer(p)], [dtypeCode(dtype), numel(out.localShape), value])
   return out
 }
-
-const sameLayout = (a: ShardedArray, b: ShardedArray) =>
-  a.spec.padTo(a.rank).equals(b.spec.padTo(b.rank)) &&
-  a.partial.length === b.partial.length &&
-  a.partial.every((x) => b.partial.includes(x))
 
 /**
  * a + b. Both must have one shape; b is converted to a's layout when they differ. With `out`
