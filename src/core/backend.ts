@@ -56,6 +56,12 @@ export interface Graphs {
   destroy(id: GraphId): void
   /** Nodes (kernels, copies, collectives; ops on the CPU) one launch runs. */
   nodes(id: GraphId): number
+  /**
+   * A buffer id for bytes [offset, offset + bytes) of `buffer` that owns nothing: freeing it frees
+   * no memory, and `buffer` must outlive it. A capture places its short-lived buffers in one
+   * block this way, at offsets planned from their lifetimes.
+   */
+  alias(buffer: BufferId, offset: number, bytes: number): BufferId
 }
 
 /**

@@ -14,6 +14,7 @@ import type { Effect } from "effect"
 import type { Backend, BufferId, GraphId, MemoryStats } from "./backend.ts"
 import type { Engine } from "./engine.ts"
 import { attempt, type DeviceError } from "./errors.ts"
+import { type Lifetime, planMemory } from "./memoryPlan.ts"
 import { isShardedArray, ShardedArray } from "./shardedArray.ts"
 import type { NamedSharding } from "./sharding.ts"
 
@@ -456,6 +457,25 @@ export const jit = <A extends unknown[], R>(
       if (v === undefined) throw new Error(`jit: capture reached slot ${s} before it was allocated`)
       return v
     }
+    // Every buffer the step allocates lives in one planned block per device for the graph's life.
+    const freedAt = new Map<number, number>()
+    t.calls.forEach((c, i) => {
+      if (c.kind === "free") freedAt.set(c.slot, i)
+    })
+    const lifetimes: Lifetime[] = []
+    t.calls.forEach((c, i) => {
+      if (c.kind === "alloc")
+        lifetimes.push({
+          key: c.slot,
+          device: c.device,
+          bytes: c.bytes,
+          start: i,
+          end: freedAt.get(c.slot) ?? t.calls.length,
+        })
+    })
+    const plan = planMemory(lifetimes)
+    const blocks = new Map<number, BufferId>()
+    for (const [device, bytes] of plan.blockBytes) blocks.set(device, make(device, bytes))
     const inCapture: BufferId[] = []
     let graph: GraphId | undefined
     try {
@@ -464,7 +484,7 @@ export const jit = <A extends unknown[], R>(
         for (const c of t.calls) {
           switch (c.kind) {
             case "alloc": {
-              const b = backend.alloc(c.device, c.bytes)
+              const b = g.alias(blocks.get(c.device)!, plan.offsets.get(c.slot)!, c.bytes)
               ids.set(c.slot, b)
               inCapture.push(b)
               break
@@ -509,7 +529,7 @@ export const jit = <A extends unknown[], R>(
       fixed,
       copies,
       outputs,
-      buffers: [...made, ...inCapture],
+      buffers: [...inCapture, ...made],
       nodes: g.nodes(graph),
     }
   }

@@ -90,6 +90,7 @@ export const adaptNativeBackend = (addon: NativeAddon, native: NativeBackend): B
       launch: (id) => guard(() => native.graphLaunch(id)),
       destroy: (id) => guard(() => native.graphDestroy(id)),
       nodes: (id) => guard(() => native.graphNodes(id)),
+      alias: (buffer, offset, bytes) => guard(() => native.alias(buffer, offset, bytes)),
     },
   }
 }

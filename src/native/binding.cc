@@ -110,6 +110,7 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
                            InstanceAccessor<&BackendWrap::DeviceCount>("deviceCount"),
                            InstanceMethod<&BackendWrap::Alloc>("alloc"),
                            InstanceMethod<&BackendWrap::Free>("free"),
+                           InstanceMethod<&BackendWrap::Alias>("alias"),
                            InstanceMethod<&BackendWrap::FreeAll>("freeAll"),
                            InstanceMethod<&BackendWrap::Size>("size"),
                            InstanceMethod<&BackendWrap::Write>("write"),
@@ -155,6 +156,13 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
   Napi::Value Alloc(const Napi::CallbackInfo& info) {
     return guarded(info.Env(), [&] {
       uint64_t id = be(info.Env()).alloc(to_device(info[0]), to_size(info[1], "bytes"));
+      return Napi::Number::New(info.Env(), static_cast<double>(id));
+    });
+  }
+  Napi::Value Alias(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] {
+      const uint64_t id =
+          be(info.Env()).alias(to_id(info[0]), to_size(info[1], "offset"), to_size(info[2], "bytes"));
       return Napi::Number::New(info.Env(), static_cast<double>(id));
     });
   }

@@ -21,6 +21,8 @@ export interface NativeBackend {
   readonly kind: "cpu" | "cuda"
   readonly deviceCount: number
   alloc(device: number, bytes: number): number
+  /** A view of bytes [offset, offset + bytes) of buffer `id` that owns nothing (see backend.h). */
+  alias(id: number, offset: number, bytes: number): number
   free(id: number): void
   freeAll(): void
   size(id: number): { bytes: number; device: number }

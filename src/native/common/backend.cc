@@ -94,8 +94,21 @@ uint64_t Backend::add_entry(void* ptr, size_t bytes, size_t block, size_t charge
   e.charge = charge;
   e.device = device;
   e.live = true;
+  e.alias = false;
   e.gen = (e.gen + 1) & 0xfffff;  // ids stay below 2^52, exact as JS numbers
   return (static_cast<uint64_t>(e.gen) << kSlotBits) | slot;
+}
+
+uint64_t Backend::alias(uint64_t id, size_t offset, size_t bytes) {
+  const BufRef b = lookup(id);
+  if (offset > b.bytes || bytes > b.bytes - offset)
+    invalid("alias: [" + std::to_string(offset) + ", " + std::to_string(offset + bytes) + ") leaves a buffer of " +
+            std::to_string(b.bytes) + " bytes");
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t a = add_entry(static_cast<char*>(b.ptr) + offset, bytes, 0, 0, b.device);
+  table_[static_cast<uint32_t>(a & ((uint64_t{1} << kSlotBits) - 1))].alias = true;
+  stats_[b.device].count += 1;
+  return a;
 }
 
 BufRef Backend::lookup(uint64_t id) const {
@@ -113,7 +126,9 @@ void Backend::free(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   uint32_t slot = static_cast<uint32_t>(id & ((uint64_t{1} << kSlotBits) - 1));
   Entry& e = table_[slot];
-  if (capture_) {
+  if (e.alias) {
+    if (capture_) capture_->used.erase(id);
+  } else if (capture_) {
     // The record may still use this memory: it joins the graph's pool, still counted in use.
     capture_->pool.push_back(PoolBlock{e.ptr, e.block, e.charge, e.device});
     capture_->used.erase(id);
@@ -122,6 +137,7 @@ void Backend::free(uint64_t id) {
     stats_[b.device].in_use -= e.charge;
   }
   e.live = false;
+  e.alias = false;
   e.ptr = nullptr;
   free_slots_.push_back(slot);
   stats_[b.device].count -= 1;
@@ -133,7 +149,8 @@ void Backend::free_all() {
   for (uint32_t slot = 0; slot < table_.size(); ++slot) {
     Entry& e = table_[slot];
     if (!e.live) continue;
-    raw_free(e.device, e.ptr, e.block);
+    if (!e.alias) raw_free(e.device, e.ptr, e.block);
+    e.alias = false;
     stats_[e.device].in_use -= e.charge;
     stats_[e.device].count -= 1;
     e.live = false;

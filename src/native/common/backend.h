@@ -88,6 +88,10 @@ class Backend {
   int device_count() const { return static_cast<int>(stats_.size()); }
 
   uint64_t alloc(int device, size_t bytes);
+  // A buffer id for bytes [offset, offset + bytes) of buffer `id`: a view that owns nothing, so
+  // freeing it frees no memory (the caller keeps `id` alive while the view is used). Lets a
+  // planner place many short-lived buffers in one block (jit's graph capture does).
+  uint64_t alias(uint64_t id, size_t offset, size_t bytes);
   void free(uint64_t id);
   void free_all();
   BufRef lookup(uint64_t id) const;
@@ -157,6 +161,7 @@ class Backend {
     int device = 0;
     uint32_t gen = 0;
     bool live = false;
+    bool alias = false;  // a view of another entry's memory: freeing it releases nothing
   };
   struct PoolBlock {
     void* ptr;
