@@ -179,6 +179,7 @@ const program = Effect.gen(function* () {
           launches: step.graphLaunches,
           nodes: step.graphNodes,
           captureError: step.graphError === undefined ? null : String(step.graphError),
+          memory: step.graphMemory,
         },
         // Host time to hand one step to the device; a step with a host synchronisation inside
         // would wait for the GPU here.
@@ -220,6 +221,10 @@ const program = Effect.gen(function* () {
     console.log(
       `graph ${graph ? `on: ${step.graphLaunches} launches, ${step.graphNodes.join("/")} nodes` : "off"}${profile.graph.captureError ? ` (capture failed: ${profile.graph.captureError})` : ""}; host enqueue ${m(profile.enqueueMs).toFixed(2)} ms, GPU ${m(profile.gpuStepMs).toFixed(1)} ms per step`,
     )
+    for (const g of step.graphMemory)
+      console.log(
+        `graph memory, device ${g.device}: ${(g.planned / 2 ** 30).toFixed(2)} GiB planned for a step that has at most ${(g.peakLive / 2 ** 30).toFixed(2)} GiB live`,
+      )
     if (ops) {
       const total = ops.reduce((a, o) => a + o.ms, 0)
       console.log(`ops of one step, each timed alone on the GPU: ${total.toFixed(1)} ms in all`)

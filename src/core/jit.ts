@@ -14,7 +14,7 @@ import type { Effect } from "effect"
 import type { Backend, BufferId, GraphId, MemoryStats } from "./backend.ts"
 import type { Engine } from "./engine.ts"
 import { attempt, type DeviceError } from "./errors.ts"
-import { type Lifetime, planMemory } from "./memoryPlan.ts"
+import { type Lifetime, peakLive, planMemory } from "./memoryPlan.ts"
 import { isShardedArray, ShardedArray } from "./shardedArray.ts"
 import type { NamedSharding } from "./sharding.ts"
 
@@ -64,6 +64,7 @@ const writes = (op: string, n: number): ReadonlyArray<number> => {
     ce_lse: [2],
     ce_rowloss: [4],
     ce_bwd: [5, 6],
+    ce_fused: [4, 5, 6, 7],
     sum: [1],
     sumsq: [1],
   }
@@ -232,6 +233,14 @@ interface GraphReplay {
   /** Buffers this graph owns (copies, constants, results), freed after it. */
   readonly buffers: ReadonlyArray<BufferId>
   readonly nodes: number
+  readonly memory: ReadonlyArray<GraphMemory>
+}
+
+/** A graph's planned block on one device, beside the most bytes its step has live at once. */
+export interface GraphMemory {
+  readonly device: number
+  readonly planned: number
+  readonly peakLive: number
 }
 
 export interface JitOptions {
@@ -274,6 +283,8 @@ export interface Jitted<A extends unknown[], R> {
   readonly graphNodes: ReadonlyArray<number>
   /** Why the last graph capture failed, if one did. */
   readonly graphError: unknown
+  /** The memory blocks of the graphs captured so far. */
+  readonly graphMemory: ReadonlyArray<GraphMemory>
   /** Frees the buffers the traces keep; a later call traces again. */
   readonly dispose: () => void
 }
@@ -474,6 +485,12 @@ export const jit = <A extends unknown[], R>(
         })
     })
     const plan = planMemory(lifetimes)
+    const lowest = peakLive(lifetimes)
+    const memory = [...plan.blockBytes].map(([device, planned]) => ({
+      device,
+      planned,
+      peakLive: lowest.get(device) ?? 0,
+    }))
     const blocks = new Map<number, BufferId>()
     for (const [device, bytes] of plan.blockBytes) blocks.set(device, make(device, bytes))
     const inCapture: BufferId[] = []
@@ -531,6 +548,7 @@ export const jit = <A extends unknown[], R>(
       outputs,
       buffers: [...inCapture, ...made],
       nodes: g.nodes(graph),
+      memory,
     }
   }
 
@@ -614,6 +632,7 @@ export const jit = <A extends unknown[], R>(
   Object.defineProperty(jitted, "graphLaunches", { get: () => launches })
   Object.defineProperty(jitted, "graphNodes", { get: () => graphOwners.map((r) => r.nodes) })
   Object.defineProperty(jitted, "graphError", { get: () => graphError })
+  Object.defineProperty(jitted, "graphMemory", { get: () => graphOwners.flatMap((r) => r.memory) })
   Object.defineProperty(jitted, "dispose", {
     value: () => {
       // A graph goes before the buffers it uses.

@@ -27,9 +27,55 @@ const ALIGN = 256
 
 const roundUp = (n: number) => Math.ceil(n / ALIGN) * ALIGN
 
-/** Places the largest buffers first, each at the lowest offset free for its whole lifetime. */
+/**
+ * The most bytes live at once on each device (rounded as placed): no plan can use less, so a
+ * plan's block over this is what its placement wastes.
+ */
+export const peakLive = (buffers: ReadonlyArray<Lifetime>): Map<number, number> => {
+  const events: Array<{ readonly t: number; readonly device: number; readonly delta: number }> = []
+  for (const b of buffers) {
+    const size = roundUp(Math.max(b.bytes, 1))
+    events.push({ t: b.start, device: b.device, delta: size }, { t: b.end, device: b.device, delta: -size })
+  }
+  // At one call index, frees (negative) come before allocations: a buffer freed at call t is
+  // gone when the one made at t appears.
+  events.sort((a, b) => a.t - b.t || a.delta - b.delta)
+  const live = new Map<number, number>()
+  const peak = new Map<number, number>()
+  for (const e of events) {
+    const v = (live.get(e.device) ?? 0) + e.delta
+    live.set(e.device, v)
+    peak.set(e.device, Math.max(peak.get(e.device) ?? 0, v))
+  }
+  return peak
+}
+
+/**
+ * Tries a few orders (largest first; longest-lived first; by start) and keeps, per device, the
+ * placement with the smallest block: each is a heuristic of the NP-hard packing, and each wins on
+ * some lifetime patterns.
+ */
 export const planMemory = (buffers: ReadonlyArray<Lifetime>): MemoryPlan => {
-  const order = [...buffers].sort((a, b) => b.bytes - a.bytes || a.start - b.start)
+  const orders: Array<(a: Lifetime, b: Lifetime) => number> = [
+    (a, b) => b.bytes - a.bytes || a.start - b.start,
+    (a, b) => b.end - b.start - (a.end - a.start) || b.bytes - a.bytes,
+    (a, b) => a.start - b.start || b.bytes - a.bytes,
+  ]
+  const plans = orders.map((o) => place([...buffers].sort(o)))
+  const offsets = new Map<number, number>()
+  const blockBytes = new Map<number, number>()
+  for (const device of new Set(buffers.map((b) => b.device))) {
+    const best = plans.reduce((x, y) =>
+      (y.blockBytes.get(device) ?? 0) < (x.blockBytes.get(device) ?? 0) ? y : x,
+    )
+    blockBytes.set(device, best.blockBytes.get(device) ?? 0)
+    for (const b of buffers) if (b.device === device) offsets.set(b.key, best.offsets.get(b.key)!)
+  }
+  return { offsets, blockBytes }
+}
+
+/** Places buffers in this order, each at the lowest offset free for its whole lifetime. */
+const place = (order: ReadonlyArray<Lifetime>): MemoryPlan => {
   const placed = new Map<
     number,
     Array<{ readonly at: number; readonly size: number; readonly b: Lifetime }>

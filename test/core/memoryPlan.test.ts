@@ -5,7 +5,7 @@
  */
 import fc from "fast-check"
 import { describe, expect, it } from "vitest"
-import { type Lifetime, planMemory } from "../../src/core/memoryPlan.ts"
+import { type Lifetime, peakLive as plannerPeak, planMemory } from "../../src/core/memoryPlan.ts"
 
 const round = (n: number) => Math.ceil(Math.max(n, 1) / 256) * 256
 
@@ -49,7 +49,10 @@ describe("memory planning", () => {
             expect(at + round(a.bytes) <= bt || bt + round(b.bytes) <= at).toBe(true)
           }
         }
-        for (const [device, bytes] of plan.blockBytes) expect(bytes).toBeGreaterThanOrEqual(peakLive(bs, device))
+        for (const [device, bytes] of plan.blockBytes) {
+          expect(plannerPeak(bs).get(device)).toBe(peakLive(bs, device))
+          expect(bytes).toBeGreaterThanOrEqual(peakLive(bs, device))
+        }
       }),
       { numRuns: 300 },
     )
