@@ -179,7 +179,8 @@ double relerr(const std::vector<double>& a, const std::vector<double>& b, bool& 
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-template <class F>
+// The forward shape F, then the backward shapes G... on the emulated forward's o and lse.
+template <class F, class... G>
 bool run_case(const Case& k) {
   constexpr int HD = F::HD;
   const int hd = HD;
@@ -258,14 +259,6 @@ bool run_case(const Case& k) {
     D[(b * k.Hq + h) * k.T + t] = d;
   }
   p.o = ob.data(); p.dO = dOb.data(); p.D = D.data(); p.dqacc = acc.data(); p.dk = dkb.data(); p.dv = dvb.data();
-  using G = BwdCfg<HD>;
-  launch(flash_bwd<HD>, (k.S + G::BN - 1) / G::BN * k.B * k.Hkv, G::THREADS, G::smem, p);
-  std::vector<double> dq(acc.begin(), acc.end()), dk, dv, dk_r, dv_r;
-  for (int b = 0; b < k.B; ++b) for (size_t i = 0; i < (size_t)k.S * k.Hkv * hd; ++i) {
-    const size_t j = (size_t)b * k.sMax * k.Hkv * hd + i;
-    dk.push_back(__bfloat162float(dkb[j])); dv.push_back(__bfloat162float(dvb[j]));
-    dk_r.push_back(dk_ref[j]); dv_r.push_back(dv_ref[j]);
-  }
   bool ok = true;
   auto report = [&](const char* what, const std::vector<double>& a, const std::vector<double>& b) {
     bool nan; const double e = relerr(a, b, nan);
@@ -273,12 +266,34 @@ bool run_case(const Case& k) {
     ok &= pass;
     std::printf("  %-4s %s %.2e%s\n", what, pass ? "ok  " : "FAIL", e, nan ? " (NaN/inf mismatch)" : "");
   };
-  std::printf("hd %d, %d warps of %d rows, %d-key tiles: %s\n", HD, F::W, 16 * F::RB, F::BN, k.name);
+  std::printf("hd %d, forward %d warps of %d rows, %d-key tiles: %s\n", HD, F::W, 16 * F::RB, F::BN, k.name);
   report("o", o, o_ref);
   report("lse", l2, lse_ref);
-  report("dq", dq, dq_ref);
-  report("dk", dk, dk_r);
-  report("dv", dv, dv_r);
+  auto backward = [&]<class C>() {
+    static_assert(C::HD == HD);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(dkb.begin(), dkb.end(), __float2bfloat16_rn(NAN));
+    std::fill(dvb.begin(), dvb.end(), __float2bfloat16_rn(NAN));
+    launch(flash_bwd<C>, (k.S + C::BN - 1) / C::BN * k.B * k.Hkv, C::THREADS, C::smem, p);
+    std::vector<double> dq(acc.begin(), acc.end()), dk, dv, dk_r, dv_r;
+    for (int b = 0; b < k.B; ++b) for (size_t i = 0; i < (size_t)k.S * k.Hkv * hd; ++i) {
+      const size_t j = (size_t)b * k.sMax * k.Hkv * hd + i;
+      dk.push_back(__bfloat162float(dkb[j])); dv.push_back(__bfloat162float(dvb[j]));
+      dk_r.push_back(dk_ref[j]); dv_r.push_back(dv_ref[j]);
+    }
+    // dk, dv past S stay untouched (NaN here).
+    bool untouched = true;
+    for (int b = 0; b < k.B; ++b) for (size_t i = (size_t)k.S * k.Hkv * hd; i < (size_t)k.sMax * k.Hkv * hd; ++i) {
+      const size_t j = (size_t)b * k.sMax * k.Hkv * hd + i;
+      untouched &= std::isnan(__bfloat162float(dkb[j])) && std::isnan(__bfloat162float(dvb[j]));
+    }
+    if (!untouched) { ok = false; std::printf("  dk/dv past S written: FAIL\n"); }
+    std::printf(" backward %d warps of %d keys, %d queries a step\n", C::W, C::WK, C::BM);
+    report("dq", dq, dq_ref);
+    report("dk", dk, dk_r);
+    report("dv", dv, dv_r);
+  };
+  (backward.template operator()<G>(), ...);
   return ok;
 }
 
@@ -293,14 +308,15 @@ int main(int argc, char** argv) {
       {"one full tile", 1, 64, 64, 64, 1, 1, 0, 0, 0, false},
       {"long causal GQA, negative scale", 1, 300, 300, 300, 2, 1, 1, 0, 0, false, -1.5},
       {"long window, qOffset, zero scale", 1, 260, 290, 300, 2, 2, 1, 70, 30, false, 0},
+      {"window not causal, qOffset", 1, 100, 200, 200, 2, 1, 0, 50, 60, false},
   };
   bool ok = true;
   const int only = argc > 1 ? std::atoi(argv[1]) : -1;
   for (int i = 0; i < (int)(sizeof(cases) / sizeof(cases[0])); ++i) {
     if (only >= 0 && i != only) continue;
-    ok &= run_case<FwdHd64>(cases[i]);
-    ok &= run_case<FwdHd64Long>(cases[i]);
-    ok &= run_case<FwdHd128>(cases[i]);
+    ok &= run_case<FwdHd64, BwdHd64>(cases[i]);
+    ok &= run_case<FwdHd64Long, BwdHd64Narrow>(cases[i]);
+    ok &= run_case<FwdHd128, BwdHd128, BwdHd128Wide>(cases[i]);
   }
   std::printf(ok ? "ALL OK\n" : "FAILURES\n");
   return ok ? 0 : 1;

@@ -25,14 +25,18 @@
 //   are skipped by that warp), online softmax in base 2 with the scale folded into the exponent's
 //   FFMA (the row max and sum across the 4 threads of an mma quad; O is rescaled only when some
 //   row's max grew), P packed to bf16 straight from the S accumulators into A fragments, O += P·V.
-//   Backward: first D = rowsum(dO·o) per query row (float32 scratch; the same kernel zeroes the
-//   float32 dq accumulator). Then a block of 4 warps owns 64 keys of one (batch, KV head): K and V
-//   stay in shared memory, each warp owns 16 key rows with dK and dV accumulators in registers,
-//   and the block loops over the query heads of the group and their query tiles (64 queries for
-//   hd 64, 32 for hd 128; double-buffered Q, dO, lse and D): Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2e −
+//   Backward: first D = rowsum(dO·o) per query row (float32 scratch, 16-byte loads; the same
+//   kernel zeroes the float32 dq accumulator). Then a block of 4 warps owns 128 keys (hd 64: 32 key
+//   rows a warp) or 64 keys (hd 128: 16 a warp) of one (batch, KV head): K and V stay in shared
+//   memory, dK and dV accumulate in registers, and the block walks the query tiles of 32 queries
+//   from the last one down, all query heads of the group for each tile (so that the blocks of a
+//   KV head started together read the same tiles together; double-buffered Q and dO by cp.async,
+//   lse and D read into registers a step ahead): Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2e −
 //   lse·log2e), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ·(dPᵀ − D), dV += Pᵀ·dO, dK += dSᵀ·Q (P and dS as A fragments
-//   from registers); dSᵀ goes to shared memory in bf16 and dQ_tile = dS·K is added into the
-//   float32 accumulator with float2 atomics; a last kernel converts dq to bf16.
+//   from registers; a warp whose keys no query of the step sees skips all of it); dSᵀ goes to
+//   shared memory in bf16 and dQ_tile = dS·K is added into the float32 accumulator with float2
+//   atomics; a last kernel converts dq to bf16. MAGIX_FLASH_BWD=64 or 128 forces 64- or 128-key
+//   blocks (hd 128 with 128 keys: 8 warps, one block per multiprocessor), for timing.
 // - everything else (float32; other head sizes up to 256): one warp per query row (forward, dq)
 //   or key row (dk, dv), each lane holding hd/32 dimensions, keys streamed with an online softmax;
 //   simple, exact float32 arithmetic, no atomics. MAGIX_ATTENTION=reference in the environment
@@ -47,7 +51,6 @@
 namespace magix::cuda {
 namespace {
 
-using flash::BwdCfg;
 using flash::flash_bwd;
 using flash::flash_fwd;
 using flash::kLog2e;
@@ -131,6 +134,37 @@ __global__ void delta_kernel(const Params p) {
   if (lane == 0) const_cast<float*>(p.D)[w] = acc;
   if (p.dqacc)
     for (int64_t d = lane; d < p.hd; d += 32) p.dqacc[base + d] = 0.f;
+}
+
+// The fast path's D and dq zeroing: rows in memory order ((b, t, h)), HD/8 threads a row, each
+// with 16-byte loads of o and dO and two float4 zero stores into the dq accumulator.
+template <int HD>
+__global__ void flash_delta(const Params p, int64_t rows) {
+  constexpr int TPR = HD / 8;  // threads per row: 8 or 16, within a warp
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t m = i / TPR;  // (b·T + t)·Hq + h
+  const int c = static_cast<int>(i % TPR) * 8;
+  float acc = 0.f;
+  if (m < rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.o) + m * HD + c);
+    const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.dO) + m * HD + c);
+    const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, dw[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 af = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&aw[j]));
+      const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dw[j]));
+      acc = fmaf(af.x, df.x, fmaf(af.y, df.y, acc));
+    }
+    float4* z = reinterpret_cast<float4*>(p.dqacc + m * HD + c);
+    z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int o = TPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (m < rows && c == 0) {
+    const int64_t h = m % p.Hq, bt = m / p.Hq, t = bt % p.T, b = bt / p.T;
+    const_cast<float*>(p.D)[(b * p.Hq + h) * p.T + t] = acc;
+  }
 }
 
 template <typename T>
@@ -220,14 +254,16 @@ __global__ void ref_dkdv(const Params p) {
   }
 }
 
-// dq = bf16(accumulator), 4 at a time (n is a multiple of 4: hd is).
-__global__ void dq_convert(const float* __restrict acc, bf16* __restrict dq, size_t n4) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
-    const float4 v = reinterpret_cast<const float4*>(acc)[i];
-    uint2 u;
+// dq = bf16(accumulator), 8 at a time (n is a multiple of 8: hd is).
+__global__ void dq_convert(const float* __restrict acc, bf16* __restrict dq, size_t n8) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(acc)[2 * i], w = reinterpret_cast<const float4*>(acc)[2 * i + 1];
+    uint4 u;
     u.x = pack_bf16x2(v.x, v.y);
     u.y = pack_bf16x2(v.z, v.w);
-    reinterpret_cast<uint2*>(dq)[i] = u;
+    u.z = pack_bf16x2(w.x, w.y);
+    u.w = pack_bf16x2(w.z, w.w);
+    reinterpret_cast<uint4*>(dq)[i] = u;
   }
 }
 
@@ -276,13 +312,23 @@ void launch_fwd(const Params& p, int dev, cudaStream_t s) {
   CUDA_CHECK_LAUNCH();
 }
 
-template <int HD>
+template <class C>
 void launch_bwd(const Params& p, int dev, cudaStream_t s) {
   static unsigned long long done = 0;
-  allow_smem(flash_bwd<HD>, BwdCfg<HD>::smem, dev, done);
-  const int64_t blocks = (p.S + BwdCfg<HD>::BN - 1) / BwdCfg<HD>::BN * p.B * p.Hkv;
-  flash_bwd<HD><<<static_cast<unsigned>(blocks), BwdCfg<HD>::THREADS, BwdCfg<HD>::smem, s>>>(p);
+  allow_smem(flash_bwd<C>, C::smem, dev, done);
+  const int64_t blocks = (p.S + C::BN - 1) / C::BN * p.B * p.Hkv;
+  flash_bwd<C><<<static_cast<unsigned>(blocks), C::THREADS, C::smem, s>>>(p);
   CUDA_CHECK_LAUNCH();
+}
+
+// MAGIX_FLASH_BWD=64 or 128: the backward's keys per block for both head sizes (for timing the
+// alternatives); unset, hd 64 takes 128 and hd 128 takes 64.
+int bwd_keys_forced() {
+  static const int v = [] {
+    const char* e = std::getenv("MAGIX_FLASH_BWD");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
 }
 
 void check_grid(OpCtx& c, int64_t blocks) { check(blocks < 0x7fffffff, c.name + ": problem too large for one launch"); }
@@ -350,17 +396,29 @@ void attention_bwd(OpCtx& c) {
     p.D = reinterpret_cast<float*>(ws + oD);
     p.dqacc = fast ? reinterpret_cast<float*>(ws + oAcc) : nullptr;
     check_grid(c, static_cast<int64_t>(rows) / kRefWarps + 1);
-    delta_kernel<T><<<warp_blocks(static_cast<int64_t>(rows)), 32 * kRefWarps, 0, s>>>(p);
-    CUDA_CHECK_LAUNCH();
     if (fast) {
+      const int64_t threads = static_cast<int64_t>(rows) * (p.hd / 8);
+      check_grid(c, threads / 256 + 1);
+      const unsigned blocks = static_cast<unsigned>((threads + 255) / 256);
+      if (p.hd == 64) flash_delta<64><<<blocks, 256, 0, s>>>(p, static_cast<int64_t>(rows));
+      else flash_delta<128><<<blocks, 256, 0, s>>>(p, static_cast<int64_t>(rows));
+      CUDA_CHECK_LAUNCH();
       if (p.S > 0) {
         check_grid(c, (p.S + 63) / 64 * p.B * p.Hkv);
-        if (p.hd == 64) launch_bwd<64>(p, dev, s);
-        else launch_bwd<128>(p, dev, s);
+        const int keys = bwd_keys_forced();
+        if (p.hd == 64) {
+          if (keys == 64) launch_bwd<flash::BwdHd64Narrow>(p, dev, s);
+          else launch_bwd<flash::BwdHd64>(p, dev, s);
+        } else {
+          if (keys == 128) launch_bwd<flash::BwdHd128Wide>(p, dev, s);
+          else launch_bwd<flash::BwdHd128>(p, dev, s);
+        }
       }
-      dq_convert<<<grid_for(qn / 4, 256, 8192), 256, 0, s>>>(p.dqacc, static_cast<bf16*>(p.dq), qn / 4);
+      dq_convert<<<grid_for(qn / 8, 256, 8192), 256, 0, s>>>(p.dqacc, static_cast<bf16*>(p.dq), qn / 8);
       CUDA_CHECK_LAUNCH();
     } else {
+      delta_kernel<T><<<warp_blocks(static_cast<int64_t>(rows)), 32 * kRefWarps, 0, s>>>(p);
+      CUDA_CHECK_LAUNCH();
       ref_dq<T><<<warp_blocks(static_cast<int64_t>(rows)), 32 * kRefWarps, 0, s>>>(p);
       CUDA_CHECK_LAUNCH();
       if (keyRows > 0) {

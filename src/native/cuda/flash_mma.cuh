@@ -366,21 +366,31 @@ FLASH_KERNEL(C::THREADS, C::MINB) flash_fwd(const Params p) {
   }
 }
 
-template <int HD>
-struct BwdCfg {
-  static constexpr int BN = 64;                   // keys per block: 16 per warp
-  static constexpr int BM = HD == 128 ? 32 : 64;  // queries per step
-  static constexpr int LD = HD + 8, LDS = BM + 8, THREADS = 128;
-  static constexpr int DQC = HD * BM / 64;  // dQ columns per warp: 4 warps tile BM × HD
-  static constexpr size_t smem =
-      sizeof(bf16) * ((2 * BN + 4 * BM) * LD + BN * LDS) + sizeof(float) * 4 * BM + BN;
+// Backward block shapes. W warps own 16·KB key rows each (BN = 16·KB·W keys of one (batch, KV
+// head), K and V in shared memory, dK and dV in registers); the block walks the query tiles of BM
+// rows of every query head of the group. With KB = 2 each Q or dO fragment read from shared
+// memory feeds two mma (the warp's two 16-key blocks). A larger BN halves the float32 dQ atomics
+// and the Q/dO reads per key. dQ = dS·K for the step's BM × HD is tiled over the W warps: BM/16
+// row blocks, DQC columns each. MINB is the blocks per multiprocessor the registers are sized for.
+template <int HD_, int W_, int KB_, int BM_, int MINB_>
+struct BwdShape {
+  static constexpr int HD = HD_, W = W_, KB = KB_, BM = BM_, MINB = MINB_, WK = 16 * KB_, BN = 16 * KB_ * W_,
+                       LD = HD_ + 8, LDS = BM_ + 8, THREADS = 32 * W_, RBQ = BM_ / 16, DQC = HD_ * (BM_ / 16) / W_;
+  static_assert(W_ % (BM_ / 16) == 0 && DQC % 16 == 0, "dQ tiling");
+  static constexpr size_t smem = sizeof(bf16) * ((2 * BN + 4 * BM) * LD + BN * LDS) + sizeof(float) * 4 * BM + BN;
 };
+// The shapes the dispatch uses: hd 64, 128 keys by 4 warps of 32 key rows, 32 queries a step; hd 128,
+// 64 keys by 4 warps of 16 (dK, dV take 128 registers a thread), 32 queries a step. The *Narrow /
+// *Wide ones are the alternatives (MAGIX_FLASH_BWD=64 or 128 picks 64- or 128-key blocks).
+using BwdHd64 = BwdShape<64, 4, 2, 32, 2>;
+using BwdHd64Narrow = BwdShape<64, 4, 1, 64, 1>;
+using BwdHd128 = BwdShape<128, 4, 1, 32, 1>;
+using BwdHd128Wide = BwdShape<128, 8, 1, 32, 1>;
 
-template <int HD>
-FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
-  using C = BwdCfg<HD>;
-  constexpr int BN = C::BN, BM = C::BM, LD = C::LD, LDS = C::LDS, CH = HD / 8, KC = HD / 16, NQ = BM / 8, DT = HD / 8;
-  constexpr int DQC = C::DQC, RB = BM / 16;
+template <class C>
+FLASH_KERNEL(C::THREADS, C::MINB) flash_bwd(const Params p) {
+  constexpr int HD = C::HD, BN = C::BN, BM = C::BM, LD = C::LD, LDS = C::LDS, CH = HD / 8, KC = HD / 16, NQ = BM / 8,
+                DT = HD / 8, KB = C::KB, WK = C::WK, DQC = C::DQC, RBQ = C::RBQ;
   FLASH_SMEM(smem);
   bf16* Ks = reinterpret_cast<bf16*>(smem);
   bf16* Vs = Ks + BN * LD;
@@ -405,6 +415,10 @@ FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
   if (p.window > 0) thi = lmin(thi, lmax(int64_t{0}, s0 + BN - 1 + p.window - p.qOffset));
   const int64_t nq = tlo < thi ? (thi - tlo + BM - 1) / BM : 0;
   const int64_t steps = nq * group;
+  // Step `it`: query tile nq − 1 − it / group (the last first, so that the blocks of one KV head
+  // started together walk the same tiles together, sharing them in L2), head it % group.
+  auto step_h = [&](int64_t it) { return hk * group + it % group; };
+  auto step_q0 = [&](int64_t it) { return tlo + (nq - 1 - it / group) * BM; };
 
   for (int i = tid; i < BN * CH; i += C::THREADS) {
     const int r = i / CH, cc = (i % CH) * 8;
@@ -418,8 +432,8 @@ FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
     const int64_t s = s0 + i;
     Mk[i] = s < p.S && (!p.mask || p.mask[b * p.sMax + s]) ? 1 : 0;
   }
-  auto load_q = [&](int stage, int64_t step) {
-    const int64_t h = hk * group + step / nq, q0 = tlo + (step % nq) * BM;
+  auto load_q = [&](int stage, int64_t it) {
+    const int64_t h = step_h(it), q0 = step_q0(it);
     const bf16* qb = static_cast<const bf16*>(p.q) + ((b * p.T) * p.Hq + h) * HD;
     const bf16* db = static_cast<const bf16*>(p.dO) + ((b * p.T) * p.Hq + h) * HD;
     for (int i = tid; i < BM * CH; i += C::THREADS) {
@@ -430,117 +444,171 @@ FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
       cp_async16(Qs + stage * BM * LD + r * LD + cc, qb + off, ok);
       cp_async16(dOs + stage * BM * LD + r * LD + cc, db + off, ok);
     }
-    for (int i = tid; i < BM; i += C::THREADS) {
-      const int64_t t = q0 + i;
-      float L = INFINITY, Dv = 0.f;
-      if (t < p.T) {
-        const int64_t row = (b * p.Hq + h) * p.T + t;
-        const float l = p.lse[row];
-        L = l == -INFINITY ? INFINITY : l * kLog2e;
-        Dv = p.D[row];
-      }
-      Ls[stage * BM + i] = L;
-      Ds[stage * BM + i] = Dv;
+  };
+  // lse and D of a step's rows: threads tid < BM read row tid into registers one step ahead and
+  // store it (lse·log2e, +∞ where lse = −∞) late in the step, so the global latency is hidden.
+  float nextL = -INFINITY, nextD = 0.f;
+  auto fetch_ld = [&](int64_t it) {
+    nextL = -INFINITY, nextD = 0.f;
+    const int64_t t = step_q0(it) + tid;
+    if (tid < BM && t < p.T) {
+      const int64_t row = (b * p.Hq + step_h(it)) * p.T + t;
+      nextL = p.lse[row];
+      nextD = p.D[row];
     }
   };
-  if (steps > 0) load_q(0, 0);
+  auto store_ld = [&](int stage) {
+    if (tid < BM) {
+      Ls[stage * BM + tid] = nextL == -INFINITY ? INFINITY : nextL * kLog2e;
+      Ds[stage * BM + tid] = nextD;
+    }
+  };
+  if (steps > 0) {
+    load_q(0, 0);
+    fetch_ld(0);
+    store_ld(0);
+  }
   cp_async_commit();
 
-  float dk[DT][4], dv[DT][4];
+  float dk[KB][DT][4], dv[KB][DT][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  }
+  for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+      dk[kb][i][0] = dk[kb][i][1] = dk[kb][i][2] = dk[kb][i][3] = 0.f;
+      dv[kb][i][0] = dv[kb][i][1] = dv[kb][i][2] = dv[kb][i][3] = 0.f;
+    }
+  constexpr uint32_t RS = LD * sizeof(bf16);  // bytes per row
+  // This lane's ldmatrix rows: the warp's key rows (A of Sᵀ, dPᵀ), Q/dO rows as B (Sᵀ, dPᵀ) and
+  // transposed as B (dV, dK).
+  const uint32_t aK = smem_addr(Ks + (warp * WK + (lane & 15)) * LD + (lane >> 4) * 8);
+  const uint32_t aV = smem_addr(Vs + (warp * WK + (lane & 15)) * LD + (lane >> 4) * 8);
+  const uint32_t oB = ((lane & 7) + (lane >> 4) * 8) * RS + ((lane >> 3) & 1) * 16;
+  const uint32_t oBt = ((lane & 7) + ((lane >> 3) & 1) * 8) * RS + (lane >> 4) * 16;
+  const uint32_t aQ = smem_addr(Qs), adO = smem_addr(dOs);
+
+  // Whether key rows [k0, k0 + n) of the block see no query of the step at q0 (causality, the
+  // window, the sequence end); warp-uniform.
+  auto hidden = [&](int64_t k0, int n, int64_t q0) {
+    const int64_t qa = p.qOffset + q0;
+    return k0 >= p.S || (p.causal && k0 > qa + BM - 1) || (p.window > 0 && qa - (k0 + n - 1) >= p.window);
+  };
 
   for (int64_t it = 0; it < steps; ++it) {
     cp_async_wait_all();
     sync_block();  // step `it` has landed; the previous step's buffers and dSᵀ are free
-    if (it + 1 < steps) load_q((it + 1) & 1, it + 1);
+    if (it + 1 < steps) {
+      load_q((it + 1) & 1, it + 1);
+      fetch_ld(it + 1);
+    }
     cp_async_commit();
     const int stage = static_cast<int>(it & 1);
-    const int64_t h = hk * group + it / nq, q0 = tlo + (it % nq) * BM;
-    const bf16* Qt = Qs + stage * BM * LD;
-    const bf16* dOt = dOs + stage * BM * LD;
+    const int64_t h = step_h(it), q0 = step_q0(it);
+    const uint32_t aQt = aQ + stage * BM * RS, adOt = adO + stage * BM * RS;
     const float* Lt = Ls + stage * BM;
     const float* Dt = Ds + stage * BM;
+    const int64_t kw = s0 + warp * WK;  // this warp's first key
 
-    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warp's 16 keys × BM queries.
-    float st[NQ][4], dpt[NQ][4];
+    if (!hidden(kw, WK, q0)) {
+      // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warp's WK keys × BM queries.
+      float st[KB][NQ][4], dpt[KB][NQ][4];
 #pragma unroll
-    for (int i = 0; i < NQ; ++i) {
-      st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-      dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-    }
+      for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
-      uint32_t ak[4], av[4];
-      ldsm_x4(ak, Ks + (warp * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
-      ldsm_x4(av, Vs + (warp * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int np = 0; np < NQ / 2; ++np) {
-        const int roff = (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kc * 16 + ((lane >> 3) & 1) * 8;
-        uint32_t bq[4], bd[4];
-        ldsm_x4(bq, Qt + roff);
-        ldsm_x4(bd, dOt + roff);
-        mma16816(st[2 * np], ak, bq[0], bq[1]);
-        mma16816(st[2 * np + 1], ak, bq[2], bq[3]);
-        mma16816(dpt[2 * np], av, bd[0], bd[1]);
-        mma16816(dpt[2 * np + 1], av, bd[2], bd[3]);
-      }
-    }
-    // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e) on visible entries; dSᵀ = Pᵀ·(dPᵀ − D).
-    const bool full = !p.mask && s0 + BN <= p.S && (!p.causal || s0 + BN - 1 <= p.qOffset + q0) &&
-                      (p.window == 0 || p.qOffset + q0 + BM - 1 - s0 < p.window);
-#pragma unroll
-    for (int nt = 0; nt < NQ; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = warp * 16 + g + (e >= 2 ? 8 : 0), col = nt * 8 + 2 * tq + (e & 1);
-        float pr = exp2f(st[nt][e] * p.scale_log2 - Lt[col]);
-        if (!full) {
-          const int64_t s = s0 + row, qpos = p.qOffset + q0 + col;
-          const bool vis = Mk[row] && (!p.causal || s <= qpos) && (p.window == 0 || qpos - s < p.window);
-          if (!vis) pr = 0.f;
+        for (int i = 0; i < NQ; ++i) {
+          st[kb][i][0] = st[kb][i][1] = st[kb][i][2] = st[kb][i][3] = 0.f;
+          dpt[kb][i][0] = dpt[kb][i][1] = dpt[kb][i][2] = dpt[kb][i][3] = 0.f;
         }
-        st[nt][e] = pr;
-        dpt[nt][e] = pr == 0.f ? 0.f : pr * (dpt[nt][e] - Dt[col]);
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        uint32_t ak[KB][4], av[KB][4];
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+          ldsm_x4(ak[kb], aK + kb * 16 * RS + kc * 32);
+          ldsm_x4(av[kb], aV + kb * 16 * RS + kc * 32);
+        }
+#pragma unroll
+        for (int np = 0; np < NQ / 2; ++np) {
+          uint32_t bq[4], bd[4];
+          ldsm_x4(bq, aQt + oB + np * 16 * RS + kc * 32);
+          ldsm_x4(bd, adOt + oB + np * 16 * RS + kc * 32);
+#pragma unroll
+          for (int kb = 0; kb < KB; ++kb) {
+            mma16816(st[kb][2 * np], ak[kb], bq[0], bq[1]);
+            mma16816(st[kb][2 * np + 1], ak[kb], bq[2], bq[3]);
+            mma16816(dpt[kb][2 * np], av[kb], bd[0], bd[1]);
+            mma16816(dpt[kb][2 * np + 1], av[kb], bd[2], bd[3]);
+          }
+        }
       }
-    }
-    // dV += Pᵀ·dO and dK += dSᵀ·Q (the k dimension is this step's queries).
+      // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e) on visible entries; dSᵀ = Pᵀ·(dPᵀ − D).
+      const int64_t qa = p.qOffset + q0;
+      const bool full = !p.mask && kw + WK <= p.S && (!p.causal || kw + WK - 1 <= qa) &&
+                        (p.window == 0 || qa + BM - 1 - kw < p.window);
 #pragma unroll
-    for (int kc = 0; kc < BM / 16; ++kc) {
-      uint32_t ap[4], as[4];
-      c_to_a(ap, st[2 * kc], st[2 * kc + 1]);
-      c_to_a(as, dpt[2 * kc], dpt[2 * kc + 1]);
+      for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
-      for (int dp = 0; dp < HD / 16; ++dp) {
-        const int roff = (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8;
-        uint32_t bo[4], bq[4];
-        ldsm_x4_t(bo, dOt + roff);
-        ldsm_x4_t(bq, Qt + roff);
-        mma16816(dv[2 * dp], ap, bo[0], bo[1]);
-        mma16816(dv[2 * dp + 1], ap, bo[2], bo[3]);
-        mma16816(dk[2 * dp], as, bq[0], bq[1]);
-        mma16816(dk[2 * dp + 1], as, bq[2], bq[3]);
+        for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = warp * WK + kb * 16 + g + (e >= 2 ? 8 : 0), col = nt * 8 + 2 * tq + (e & 1);
+            float pr = exp2f(st[kb][nt][e] * p.scale_log2 - Lt[col]);
+            if (!full) {
+              const int64_t s = s0 + row, qpos = qa + col;
+              const bool vis = Mk[row] && (!p.causal || s <= qpos) && (p.window == 0 || qpos - s < p.window);
+              if (!vis) pr = 0.f;
+            }
+            st[kb][nt][e] = pr;
+            dpt[kb][nt][e] = pr == 0.f ? 0.f : pr * (dpt[kb][nt][e] - Dt[col]);
+          }
+        }
+      // dV += Pᵀ·dO and dK += dSᵀ·Q (the k dimension is this step's queries).
+#pragma unroll
+      for (int kc = 0; kc < BM / 16; ++kc) {
+        uint32_t ap[KB][4], as[KB][4];
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+          c_to_a(ap[kb], st[kb][2 * kc], st[kb][2 * kc + 1]);
+          c_to_a(as[kb], dpt[kb][2 * kc], dpt[kb][2 * kc + 1]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; ++dp) {
+          uint32_t bo[4], bq[4];
+          ldsm_x4_t(bo, adOt + oBt + kc * 16 * RS + dp * 32);
+          ldsm_x4_t(bq, aQt + oBt + kc * 16 * RS + dp * 32);
+#pragma unroll
+          for (int kb = 0; kb < KB; ++kb) {
+            mma16816(dv[kb][2 * dp], ap[kb], bo[0], bo[1]);
+            mma16816(dv[kb][2 * dp + 1], ap[kb], bo[2], bo[3]);
+            mma16816(dk[kb][2 * dp], as[kb], bq[0], bq[1]);
+            mma16816(dk[kb][2 * dp + 1], as[kb], bq[2], bq[3]);
+          }
+        }
       }
-    }
-    // dSᵀ to shared memory (bf16), for dQ = dS·K across the block's 64 keys.
+      // dSᵀ to shared memory (bf16), for dQ = dS·K across the block's keys (hidden warps write
+      // nothing: the dQ loop skips their rows).
 #pragma unroll
-    for (int nt = 0; nt < NQ; ++nt) {
-      const int row = warp * 16 + g, col = nt * 8 + 2 * tq;
-      *reinterpret_cast<uint32_t*>(dSs + row * LDS + col) = pack2(dpt[nt][0], dpt[nt][1]);
-      *reinterpret_cast<uint32_t*>(dSs + (row + 8) * LDS + col) = pack2(dpt[nt][2], dpt[nt][3]);
+      for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+          const int row = warp * WK + kb * 16 + g, col = nt * 8 + 2 * tq;
+          *reinterpret_cast<uint32_t*>(dSs + row * LDS + col) = pack2(dpt[kb][nt][0], dpt[kb][nt][1]);
+          *reinterpret_cast<uint32_t*>(dSs + (row + 8) * LDS + col) = pack2(dpt[kb][nt][2], dpt[kb][nt][3]);
+        }
     }
+    if (it + 1 < steps) store_ld((it + 1) & 1);  // read after the next step's first barrier
     sync_block();
     // dQ: warp (rb, cb) computes query rows [16·rb, 16·rb + 16) × columns [cb·DQC, cb·DQC + DQC).
     {
-      const int rb = warp % RB, cb = warp / RB;
+      const int rb = warp % RBQ, cb = warp / RBQ;
       float dq[DQC / 8][4];
 #pragma unroll
       for (int i = 0; i < DQC / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+      bool any = false;
 #pragma unroll
       for (int kc = 0; kc < BN / 16; ++kc) {
+        if (hidden(s0 + (kc * 16 / WK) * WK, WK, q0)) continue;  // that warp's dSᵀ rows are zero
+        any = true;
         uint32_t a[4];
         ldsm_x4_t(a, dSs + (kc * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + rb * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
@@ -554,7 +622,7 @@ FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t t = q0 + rb * 16 + g + r * 8;
-        if (t < p.T) {
+        if (any && t < p.T) {
           float* dst = p.dqacc + ((b * p.T + t) * p.Hq + h) * HD + cb * DQC + 2 * tq;
 #pragma unroll
           for (int dt = 0; dt < DQC / 8; ++dt)
@@ -567,19 +635,21 @@ FLASH_KERNEL(BwdCfg<HD>::THREADS, 1) flash_bwd(const Params p) {
   cp_async_wait_all();  // nothing may still be in flight when the block ends (steps = 0)
   // dk = scale·dK, dv = dV for the keys s < S of this warp.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t s = s0 + warp * 16 + g + r * 8;
-    if (s < p.S) {
-      const int64_t off = ((b * p.sMax + s) * p.Hkv + hk) * HD + 2 * tq;
-      bf16* dko = static_cast<bf16*>(p.dk) + off;
-      bf16* dvo = static_cast<bf16*>(p.dv) + off;
+  for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        *reinterpret_cast<uint32_t*>(dko + dt * 8) = pack2(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dvo + dt * 8) = pack2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t s = s0 + warp * WK + kb * 16 + g + r * 8;
+      if (s < p.S) {
+        const int64_t off = ((b * p.sMax + s) * p.Hkv + hk) * HD + 2 * tq;
+        bf16* dko = static_cast<bf16*>(p.dk) + off;
+        bf16* dvo = static_cast<bf16*>(p.dv) + off;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          *reinterpret_cast<uint32_t*>(dko + dt * 8) = pack2(dk[kb][dt][2 * r] * p.scale, dk[kb][dt][2 * r + 1] * p.scale);
+          *reinterpret_cast<uint32_t*>(dvo + dt * 8) = pack2(dv[kb][dt][2 * r], dv[kb][dt][2 * r + 1]);
+        }
       }
     }
-  }
 }
 
 }  // namespace magix::cuda::flash
