@@ -31,14 +31,15 @@ const program = Effect.gen(function* () {
   )
   const optState = yield* Magix.initializeOptState(optimizer, params, LlamaForCausalLM.partitionRules, mesh)
 
-  // 5. a jitted step: traced once, replayed after; parameters and moments updated in place
+  // 5. a jitted step: traced once, replayed after (from the third call as one graph: a CUDA graph
+  //    on GPUs); parameters and moments updated in place
   const trainStep = Magix.jit(
     (p: typeof params, s: typeof optState, batch: Magix.TokenBatch) => {
       const { value, grads } = Magix.valueAndGrad((q: typeof params) => model.loss(q, batch))(p)
       Magix.optim.applyUpdates(optimizer, p, grads, s)
       return { loss: value }
     },
-    { donate: ["p", "s"] },
+    { donate: ["p", "s"], graph: true },
   )
 
   // a batch: token ids, positions and next-token targets (-100 is ignored), split over `data`
