@@ -289,6 +289,50 @@ export interface Jitted<A extends unknown[], R> {
   readonly dispose: () => void
 }
 
+/** How a replay or a capture makes a step's buffers and fills its host data. */
+interface CallHandlers {
+  readonly alloc: (c: Extract<Call, { kind: "alloc" }>) => BufferId
+  readonly write: (c: Extract<Call, { kind: "write" }>, buffer: BufferId) => void
+  readonly freed?: (buffer: BufferId) => void
+}
+
+/** Runs recorded calls on `backend`, mapping slots to buffers through `ids` (updated as it goes). */
+const runCalls = (
+  backend: Backend,
+  calls: ReadonlyArray<Call>,
+  ids: Map<number, BufferId>,
+  on: CallHandlers,
+): void => {
+  const id = (s: number) => {
+    const v = ids.get(s)
+    if (v === undefined) throw new Error(`jit: replay reached slot ${s} before it was allocated`)
+    return v
+  }
+  for (const c of calls) {
+    switch (c.kind) {
+      case "alloc":
+        ids.set(c.slot, on.alloc(c))
+        break
+      case "free": {
+        const b = id(c.slot)
+        backend.free(b)
+        on.freed?.(b)
+        ids.delete(c.slot)
+        break
+      }
+      case "exec":
+        backend.exec(c.op, c.slots.map(id), c.args)
+        break
+      case "copy":
+        backend.copy(id(c.dst), c.dstOffset, id(c.src), c.srcOffset, c.bytes)
+        break
+      case "write":
+        on.write(c, id(c.slot))
+        break
+    }
+  }
+}
+
 export const jit = <A extends unknown[], R>(
   step: (...args: A) => R,
   options: JitOptions = {},
@@ -370,29 +414,14 @@ export const jit = <A extends unknown[], R>(
     }
     const live: BufferId[] = []
     try {
-      for (const c of t.calls) {
-        switch (c.kind) {
-          case "alloc": {
-            const b = backend.alloc(c.device, c.bytes)
-            ids.set(c.slot, b)
-            live.push(b)
-            break
-          }
-          case "free":
-            backend.free(id(c.slot))
-            ids.delete(c.slot)
-            break
-          case "exec":
-            backend.exec(c.op, c.slots.map(id), c.args)
-            break
-          case "copy":
-            backend.copy(id(c.dst), c.dstOffset, id(c.src), c.srcOffset, c.bytes)
-            break
-          case "write":
-            backend.write(id(c.slot), c.offset, c.data)
-            break
-        }
-      }
+      runCalls(backend, t.calls, ids, {
+        alloc: (c) => {
+          const b = backend.alloc(c.device, c.bytes)
+          live.push(b)
+          return b
+        },
+        write: (c, b) => backend.write(b, c.offset, c.data),
+      })
     } catch (e) {
       // A failed replay frees what it allocated and has not handed out.
       for (const [s, b] of ids) if (live.includes(b) && !t.inputSlots.flat().includes(s)) backend.free(b)
@@ -498,34 +527,18 @@ export const jit = <A extends unknown[], R>(
     try {
       g.begin()
       try {
-        for (const c of t.calls) {
-          switch (c.kind) {
-            case "alloc": {
-              const b = g.alias(blocks.get(c.device)!, plan.offsets.get(c.slot)!, c.bytes)
-              ids.set(c.slot, b)
-              inCapture.push(b)
-              break
-            }
-            case "free":
-              {
-                const b = id(c.slot)
-                backend.free(b)
-                const at = inCapture.indexOf(b)
-                if (at >= 0) inCapture.splice(at, 1)
-                ids.delete(c.slot)
-              }
-              break
-            case "exec":
-              backend.exec(c.op, c.slots.map(id), c.args)
-              break
-            case "copy":
-              backend.copy(id(c.dst), c.dstOffset, id(c.src), c.srcOffset, c.bytes)
-              break
-            case "write":
-              backend.copy(id(c.slot), c.offset, constants.get(c)!, 0, c.data.byteLength)
-              break
-          }
-        }
+        runCalls(backend, t.calls, ids, {
+          alloc: (c) => {
+            const b = g.alias(blocks.get(c.device)!, plan.offsets.get(c.slot)!, c.bytes)
+            inCapture.push(b)
+            return b
+          },
+          write: (c, b) => backend.copy(b, c.offset, constants.get(c)!, 0, c.data.byteLength),
+          freed: (b) => {
+            const at = inCapture.indexOf(b)
+            if (at >= 0) inCapture.splice(at, 1)
+          },
+        })
         graph = g.end()
       } catch (e) {
         g.abort()

@@ -11,69 +11,17 @@ import { describe, expect, it } from "vitest"
 import type { Backend } from "../../src/core/backend.ts"
 import { NativeInvariantViolation } from "../../src/core/errors.ts"
 import { jit } from "../../src/core/jit.ts"
-import { placeBatch } from "../../src/core/models/batch.ts"
-import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
 import { add, scale } from "../../src/core/ops/elementwise.ts"
-import { adamw, chain, clipByGlobalNorm, initializeOptState } from "../../src/core/optim.ts"
-import { fromHost, type ShardedArray, shardToHost, toHost } from "../../src/core/shardedArray.ts"
+import { fromHost, type ShardedArray, toHost } from "../../src/core/shardedArray.ts"
 import { NamedSharding, P } from "../../src/core/sharding.ts"
-import { makeTrainStep } from "../../src/core/train.ts"
 import { Devices } from "../../src/layers/Devices.ts"
-import { loadModelHub } from "../../src/layers/loadModel.ts"
 import { mesh, runCpu } from "../helpers.ts"
-import { makeBatch } from "../parallel/equivalenceRun.ts"
+import { graphTrainRun } from "./graphRun.ts"
 
 const STEPS = 5
 
 /** Five train steps of the llama fixture on a 2×2 mesh, each on another batch. */
-const train = (graph: boolean) =>
-  runCpu(
-    4,
-    Effect.gen(function* () {
-      const { engine } = yield* Devices
-      const m = mesh([2, 2])
-      const { model, params } = yield* loadModelHub(
-        LlamaForCausalLM,
-        "llama",
-        LlamaForCausalLM.partitionRules,
-        m,
-      )
-      const opt = chain(clipByGlobalNorm(1), adamw({ lr: 1e-2 }))
-      const st = yield* initializeOptState(opt, params, LlamaForCausalLM.partitionRules, m)
-      const step = makeTrainStep(model, opt, { graph })
-      const host = makeBatch(model.config.vocabSize)
-      const losses: number[] = []
-      const results = []
-      const memory = { replayPeak: 0, graphHeld: 0 }
-      for (let s = 0; s < STEPS; s++) {
-        // Another batch every step: a graph that kept reading the first one would show.
-        const ids = host.inputIds.map((t, i) => (t === 0 ? 0 : 3 + ((t + 7 * s + i) % 200)))
-        const { batch } = yield* placeBatch(engine, m, { ...host, inputIds: ids })
-        const before = engine.backend.stats(0).inUse
-        engine.backend.resetPeak(0)
-        const out = yield* step(params, st, batch)
-        // Step 2 replays op by op: its transient peak is what a step needs; step 3 captures and
-        // keeps the graph's memory.
-        if (s === 1) memory.replayPeak = engine.backend.stats(0).peak - before
-        if (s === 2) memory.graphHeld = engine.backend.stats(0).inUse - before
-        losses.push(Number(shardToHost(out.loss, 0)[0]))
-        results.push(out.loss)
-      }
-      // Each step's result is its own: later launches did not overwrite earlier ones.
-      const kept = results.map((l) => Number(shardToHost(l, 0)[0]))
-      const counts = { launches: step.graphLaunches, nodes: step.graphNodes, error: step.graphError }
-      step.dispose()
-      return {
-        losses,
-        kept,
-        counts,
-        memory,
-        params: Object.fromEntries(
-          Object.entries(params).map(([k, a]) => [k, Array.from(toHost(a) as Float32Array)]),
-        ),
-      }
-    }),
-  )
+const train = (graph: boolean) => runCpu(4, graphTrainRun({ graph, steps: STEPS, meshShape: [2, 2] }))
 
 describe("graph replay of a jitted step", () => {
   it("a captured train step matches op-by-op replay bit for bit over changing batches", async () => {
@@ -91,7 +39,7 @@ describe("graph replay of a jitted step", () => {
     // The planned block holds every buffer of the step in about the step's own peak.
     expect(graphed.memory.replayPeak).toBeGreaterThan(0)
     expect(graphed.memory.graphHeld).toBeLessThan(graphed.memory.replayPeak * 1.1)
-    for (const [name, p] of Object.entries(plain.params)) expect(graphed.params[name], name).toEqual(p)
+    for (const [i, [name, p]] of plain.params.entries()) expect(graphed.params[i]![1], name).toEqual(p)
   })
 
   it("serves fresh results per launch and replays op by op when the donated arrays differ", async () => {

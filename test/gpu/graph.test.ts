@@ -8,16 +8,10 @@
 import { join } from "node:path"
 import { Effect, Layer, type Scope } from "effect"
 import { describe, expect, it } from "vitest"
-import { placeBatch } from "../../src/core/models/batch.ts"
-import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
-import { adamw, chain, clipByGlobalNorm, initializeOptState } from "../../src/core/optim.ts"
-import { shardToHost, toHost } from "../../src/core/shardedArray.ts"
-import { makeTrainStep } from "../../src/core/train.ts"
 import { CudaRuntime, Devices, gpuAvailable } from "../../src/layers/Devices.ts"
 import { Hub } from "../../src/layers/Hub.ts"
-import { loadModelHub } from "../../src/layers/loadModel.ts"
-import { fixtures, mesh, relErr } from "../helpers.ts"
-import { makeBatch } from "../parallel/equivalenceRun.ts"
+import { graphTrainRun } from "../core/graphRun.ts"
+import { fixtures, relErr } from "../helpers.ts"
 
 const gpu = gpuAvailable()
 const hub = Hub.localDirectory(join(fixtures, "hf"))
@@ -27,42 +21,16 @@ const onCuda = <A, E>(e: Effect.Effect<A, E, Devices | Hub | Scope.Scope>) =>
 const STEPS = 6
 
 const train = (graph: boolean) =>
-  onCuda(
-    Effect.gen(function* () {
-      const { engine } = yield* Devices
-      const m = mesh([1, 1])
-      const { model, params } = yield* loadModelHub(LlamaForCausalLM, "llama", LlamaForCausalLM.partitionRules, m)
-      model.computeDtype = "bfloat16"
-      const opt = chain(clipByGlobalNorm(1), adamw({ lr: 1e-2 }))
-      const st = yield* initializeOptState(opt, params, LlamaForCausalLM.partitionRules, m)
-      const step = makeTrainStep(model, opt, { graph })
-      const host = makeBatch(model.config.vocabSize)
-      const losses: number[] = []
-      for (let s = 0; s < STEPS; s++) {
-        const ids = host.inputIds.map((t, i) => (t === 0 ? 0 : 3 + ((t + 7 * s + i) % 200)))
-        const { batch } = yield* placeBatch(engine, m, { ...host, inputIds: ids })
-        const out = yield* step(params, st, batch)
-        losses.push(Number(shardToHost(out.loss, 0)[0]))
-      }
-      const seen = {
-        losses,
-        launches: step.graphLaunches,
-        nodes: step.graphNodes,
-        error: step.graphError === undefined ? undefined : String(step.graphError),
-        params: Object.entries(params).map(([k, a]) => [k, toHost(a) as Float32Array] as const),
-      }
-      step.dispose()
-      return seen
-    }),
-  )
+  onCuda(graphTrainRun({ graph, steps: STEPS, meshShape: [1, 1], computeDtype: "bfloat16" }))
 
 describe.skipIf(!gpu)("CUDA graphs", () => {
   it("a captured bf16 train step matches op-by-op replay over changing batches", async () => {
     const plain = await train(false)
     const graphed = await train(true)
-    expect(graphed.error).toBeUndefined()
-    expect(graphed.launches).toBe(STEPS - 2)
-    expect(graphed.nodes[0]).toBeGreaterThan(100)
+    expect(graphed.counts.error).toBeUndefined()
+    expect(graphed.counts.launches).toBe(STEPS - 2)
+    expect(graphed.counts.nodes[0]).toBeGreaterThan(100)
+    expect(graphed.memory.graphHeld).toBeLessThan(graphed.memory.replayPeak * 1.1)
     expect(new Set(graphed.losses).size).toBe(STEPS)
     expect(relErr(graphed.losses, plain.losses)).toBeLessThan(1e-4)
     for (const [i, [name, p]] of plain.params.entries())
