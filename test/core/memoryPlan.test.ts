@@ -5,7 +5,7 @@
  */
 import fc from "fast-check"
 import { describe, expect, it } from "vitest"
-import { type Lifetime, peakLive as plannerPeak, planMemory } from "../../src/core/memoryPlan.ts"
+import { type Lifetime, planMemory, peakLive as plannerPeak } from "../../src/core/memoryPlan.ts"
 
 const round = (n: number) => Math.ceil(Math.max(n, 1) / 256) * 256
 
@@ -32,7 +32,9 @@ const lifetimes = fc
     }),
     { maxLength: 60 },
   )
-  .map((xs) => xs.map((x, key) => ({ key, device: x.device, bytes: x.bytes, start: x.start, end: x.start + x.length })))
+  .map((xs) =>
+    xs.map((x, key) => ({ key, device: x.device, bytes: x.bytes, start: x.start, end: x.start + x.length })),
+  )
 
 describe("memory planning", () => {
   it("never lets buffers that are live together share bytes, and each block holds its peak", () => {
