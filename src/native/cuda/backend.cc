@@ -51,6 +51,7 @@ CudaBackend::CudaBackend(int devices) : Backend("cuda", devices) {
   }
   retired_scratch_.resize(devices);
   staging_.resize(devices);
+  rings_.resize(devices);
 }
 
 CudaBackend::~CudaBackend() {
@@ -75,6 +76,9 @@ CudaBackend::~CudaBackend() {
       if (staging_[d].slot[k]) cudaFreeHost(staging_[d].slot[k]);
       if (staging_[d].done[k]) cudaEventDestroy(staging_[d].done[k]);
     }
+    if (rings_[d].base) cudaFreeHost(rings_[d].base);
+    for (cudaEvent_t e : rings_[d].done)
+      if (e) cudaEventDestroy(e);
     cudaEventDestroy(events_[d]);
     cudaEventDestroy(fork_[d]);
     cudaStreamDestroy(streams_[d]);
@@ -245,23 +249,38 @@ void CudaBackend::write(const BufRef& dst, size_t offset, const void* src, size_
   CUDA_CHECK(cudaSetDevice(dst.device));
   cudaStream_t st = streams_[dst.device];
   char* to = static_cast<char*>(dst.ptr) + offset;
+  if (n <= kRingSlot) {
+    // Copied into a pinned slot before returning: the caller's memory is free at once, and the
+    // DMA runs in stream order without the host waiting for it.
+    Ring& r = ring(dst.device);
+    const int k = r.next;
+    r.next = (r.next + 1) % kRingSlots;
+    CUDA_CHECK(cudaEventSynchronize(r.done[k]));
+    char* slot = static_cast<char*>(r.base) + static_cast<size_t>(k) * kRingSlot;
+    std::memcpy(slot, src, n);
+    CUDA_CHECK(cudaMemcpyAsync(to, slot, n, cudaMemcpyHostToDevice, st));
+    CUDA_CHECK(cudaEventRecord(r.done[k], st));
+    return;
+  }
   if (n < kStagingMin || pinned_host(src)) {
     CUDA_CHECK(cudaMemcpyAsync(to, src, n, cudaMemcpyHostToDevice, st));
-  } else {
-    // Fill one pinned slot while the other's DMA runs; a slot is refilled only after its last copy.
-    Staging& sg = staging(dst.device);
-    const char* from = static_cast<const char*>(src);
-    for (size_t off = 0, i = 0; off < n; off += kStagingPiece, ++i) {
-      const size_t len = std::min(kStagingPiece, n - off);
-      const int k = static_cast<int>(i & 1);
-      CUDA_CHECK(cudaEventSynchronize(sg.done[k]));
-      std::memcpy(sg.slot[k], from + off, len);
-      CUDA_CHECK(cudaMemcpyAsync(to + off, sg.slot[k], len, cudaMemcpyHostToDevice, st));
-      CUDA_CHECK(cudaEventRecord(sg.done[k], st));
-    }
+    // The DMA reads the caller's memory, which belongs to JavaScript and may move or be
+    // collected once we return.
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    return;
   }
-  // The host buffer belongs to JavaScript and may move or be collected once we return.
-  CUDA_CHECK(cudaStreamSynchronize(st));
+  // Fill one pinned slot while the other's DMA runs; a slot is refilled only after its last copy.
+  // Every byte is in a slot before the loop ends, so the caller's memory is free when we return.
+  Staging& sg = staging(dst.device);
+  const char* from = static_cast<const char*>(src);
+  for (size_t off = 0, i = 0; off < n; off += kStagingPiece, ++i) {
+    const size_t len = std::min(kStagingPiece, n - off);
+    const int k = static_cast<int>(i & 1);
+    CUDA_CHECK(cudaEventSynchronize(sg.done[k]));
+    std::memcpy(sg.slot[k], from + off, len);
+    CUDA_CHECK(cudaMemcpyAsync(to + off, sg.slot[k], len, cudaMemcpyHostToDevice, st));
+    CUDA_CHECK(cudaEventRecord(sg.done[k], st));
+  }
 }
 
 void CudaBackend::read(const BufRef& src, size_t offset, void* dst, size_t n) {
@@ -293,6 +312,15 @@ void CudaBackend::read(const BufRef& src, size_t offset, void* dst, size_t n) {
     const size_t off = i * kStagingPiece;
     std::memcpy(to + off, sg.slot[k], std::min(kStagingPiece, n - off));
   }
+}
+
+CudaBackend::Ring& CudaBackend::ring(int device) {
+  Ring& r = rings_[device];
+  if (!r.base) {
+    CUDA_CHECK(cudaHostAlloc(&r.base, kRingSlot * kRingSlots, cudaHostAllocDefault));
+    for (cudaEvent_t& e : r.done) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  return r;
 }
 
 CudaBackend::Staging& CudaBackend::staging(int device) {

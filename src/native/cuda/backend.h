@@ -111,6 +111,19 @@ class CudaBackend final : public Backend {
   static constexpr size_t kStagingMin = size_t{1} << 20;
   Staging& staging(int device);
   std::vector<Staging> staging_;
+  // Small writes (token batches, scalars) go through a ring of pinned slots: the host copies into
+  // a slot and returns while the DMA runs, so a write never waits for the device's queued work (a
+  // training step placing its next batch while the previous one computes). A slot is refilled
+  // only once its last copy is done (its event).
+  struct Ring {
+    void* base = nullptr;
+    cudaEvent_t done[16] = {};
+    int next = 0;
+  };
+  static constexpr size_t kRingSlot = size_t{256} << 10;
+  static constexpr int kRingSlots = 16;
+  Ring& ring(int device);
+  std::vector<Ring> rings_;
   std::map<std::vector<int>, int> auto_comms_;
   std::map<std::pair<int, int>, cudaEvent_t> timing_;
   int next_comm_ = 1;
