@@ -690,6 +690,70 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
     )
   })
 
+  it("ce_fused: rows in chunks (automatic, several, one), ignored targets, both row-kernel paths, dh accumulated", () => {
+    // V % 4 = 0 takes the float4 row kernel, V odd the scalar one; both span several bf16 tiles.
+    for (const V of [3000, 2999]) {
+      const [N, D] = [150, 64]
+      const h = rand(N * D)
+      const W = rand(V * D, 0.5)
+      const tg = Int32Array.from(randInt(N, 0, V), (t, i) => (i % 11 === 0 ? -100 : t))
+      const rs = Float32Array.from({ length: N }, () => 0.5 + uniform())
+      for (const rows of [0, 64, 1]) {
+        for (const acc of [0, 1]) {
+          const init = acc ? rand(N * D) : undefined
+          compare(
+            "ce_fused",
+            (dt) => ({
+              bufs: [
+                c(N * D, h),
+                c(V * D, W),
+                i32(tg),
+                s32(N, rs),
+                s32(N),
+                s32(N),
+                c(N * D, init),
+                s32(V * D),
+              ],
+              args: [dt, N, D, V, rows, 0.7, acc],
+            }),
+            [4, 5, 6, 7],
+            { bf16: 1e-2 },
+          )
+        }
+      }
+      // The same numbers as the vocabulary-chunked ops on the GPU (float32).
+      const fused = run(
+        cuda,
+        "ce_fused",
+        [c(N * D, h), c(V * D, W), i32(tg), s32(N, rs), s32(N), s32(N), c(N * D), s32(V * D)],
+        [0, N, D, V, 0, 0.7, 0],
+      )
+      const fwd = run(
+        cuda,
+        "ce_fwd",
+        [c(N * D, h), c(V * D, W), i32(tg), s32(N), s32(N), s32(N)],
+        [0, N, D, V, 0, 512],
+      )
+      const lse = run(cuda, "ce_lse", [s32(N, fwd[3]!), s32(N, fwd[4]!), s32(N)], [0, N])[2]!
+      const loss = run(
+        cuda,
+        "ce_rowloss",
+        [s32(N, lse), s32(N, fwd[5]!), i32(tg), s32(N, rs), s32(N)],
+        [0, N],
+      )[4]!
+      const bwd = run(
+        cuda,
+        "ce_bwd",
+        [c(N * D, h), c(V * D, W), i32(tg), s32(N, lse), s32(N, rs), c(N * D), s32(V * D)],
+        [0, N, D, V, 0, 512, 0.7, 0],
+      )
+      expectClose(fused[4]!, lse, 1e-5, `ce_fused lse V ${V}`)
+      expectClose(fused[5]!, loss, 1e-5, `ce_fused rowLoss V ${V}`)
+      expectClose(fused[6]!, bwd[5]!, 1e-5, `ce_fused dh V ${V}`)
+      expectClose(fused[7]!, bwd[6]!, 1e-5, `ce_fused dW V ${V}`)
+    }
+  })
+
   it("adamw: five fused steps with clipping, decay and a warmup-cosine schedule; a skipped non-finite step", () => {
     const sizes = [4000, 1, 1027, 70000]
     const p0 = sizes.map((n) => rand(n))

@@ -2,7 +2,9 @@
  * Cross-entropy fused with the output projection: ce_fwd, ce_rescale, ce_lse and ce_rowloss
  * against TypeScript (ignored targets, targets outside this shard, vocabStart ≠ 0, a chunk that
  * does not divide V, more rows than one block), two vocabulary shards combining to the whole,
- * and ce_bwd against a reference and finite differences of the loss in float64.
+ * ce_bwd against a reference and finite differences of the loss in float64, and ce_fused (the
+ * forward and backward at once, a chunk of rows at a time) against ce_fwd → ce_lse → ce_rowloss
+ * and ce_bwd.
  */
 import { afterAll, describe, expect, it } from "vitest"
 import {
@@ -255,5 +257,152 @@ describe("cross-entropy argument checks", () => {
       () => cpu.exec("ce_bwd", [h, W, t, m, s, dh, dW], [F32, N, D, V, start, chunk, 1, 0]),
       /buffer 6/,
     )
+  })
+})
+
+describe("ce_fused (rows in chunks) against ce_fwd → ce_lse → ce_rowloss and ce_bwd", () => {
+  // An unsplit vocabulary: every target held or ignored; N not a multiple of the chunk.
+  const tgFull = Array.from({ length: N }, (_, n) => (n % 7 === 3 ? -100 : rng.int(0, V)))
+  const rsVar = f32(rng.uniform(N, 0.25, 2))
+
+  const reference = (
+    dtype: FloatDtype,
+    h: ArrayLike<number>,
+    W: ArrayLike<number>,
+    dhInit?: ArrayLike<number>,
+  ) => {
+    const [hb, wb, tb, rs] = [
+      cpu.float(h, dtype),
+      cpu.float(W, dtype),
+      cpu.int32(tgFull),
+      cpu.float(rsVar, dtype),
+    ]
+    const [m, s, z, lse, out] = Array.from({ length: 5 }, () => cpu.filled(N, dtype, Number.NaN))
+    cpu.exec("ce_fwd", [hb, wb, tb, m!, s!, z!], [dtype, N, D, V, 0, chunk])
+    cpu.exec("ce_lse", [m!, s!, lse!], [dtype, N])
+    cpu.exec("ce_rowloss", [lse!, z!, tb, rs, out!], [dtype, N])
+    const dh = dhInit ? cpu.float(dhInit, dtype) : cpu.filled(N * D, dtype, Number.NaN)
+    const dW = cpu.filled(V * D, dtype, Number.NaN)
+    cpu.exec("ce_bwd", [hb, wb, tb, lse!, rs, dh, dW], [dtype, N, D, V, 0, chunk, gradScale, dhInit ? 1 : 0])
+    return {
+      lse: cpu.read(lse!, N, dtype),
+      rowLoss: cpu.read(out!, N, dtype),
+      dh: cpu.read(dh, N * D, dtype),
+      dW: cpu.read(dW, V * D, dtype),
+    }
+  }
+
+  const fused = (
+    dtype: FloatDtype,
+    h: ArrayLike<number>,
+    W: ArrayLike<number>,
+    rows: number,
+    dhInit?: ArrayLike<number>,
+    n = N,
+  ) => {
+    const [hb, wb, tb, rs] = [
+      cpu.float(h, dtype),
+      cpu.float(W, dtype),
+      cpu.int32(tgFull.slice(0, n)),
+      cpu.float(rsVar.slice(0, n), dtype),
+    ]
+    const [lse, out] = [cpu.filled(n, dtype, Number.NaN), cpu.filled(n, dtype, Number.NaN)]
+    const dh = dhInit ? cpu.float(dhInit, dtype) : cpu.filled(n * D, dtype, Number.NaN)
+    const dW = cpu.filled(V * D, dtype, Number.NaN)
+    cpu.exec(
+      "ce_fused",
+      [hb, wb, tb, rs, lse, out, dh, dW],
+      [dtype, n, D, V, rows, gradScale, dhInit ? 1 : 0],
+    )
+    return {
+      lse: cpu.read(lse, n, dtype),
+      rowLoss: cpu.read(out, n, dtype),
+      dh: cpu.read(dh, n * D, dtype),
+      dW: cpu.read(dW, V * D, dtype),
+    }
+  }
+
+  it.each([
+    [F32, 1e-5],
+    [F64, 1e-12],
+  ] as const)(
+    "dtype %i: equal within %f for one, several and automatic chunks; ignored rows are 0",
+    (dtype, tol) => {
+      const h = dtype === F32 ? f32(rng.uniform(N * D, -2, 2)) : rng.uniform(N * D, -2, 2)
+      const W = dtype === F32 ? f32(rng.uniform(V * D, -2, 2)) : rng.uniform(V * D, -2, 2)
+      const ref = reference(dtype, h, W)
+      for (const rows of [1, 16, 64, 0, 10_000]) {
+        const got = fused(dtype, h, W, rows)
+        const kept = (a: Float64Array) => tgFull.flatMap((t, n) => (t >= 0 ? [a[n]!] : []))
+        expect(relErr(kept(got.lse), kept(ref.lse)), `lse rows ${rows}`).toBeLessThan(tol)
+        expect(relErr(got.rowLoss, ref.rowLoss), `rowLoss rows ${rows}`).toBeLessThan(tol)
+        expect(relErr(got.dh, ref.dh), `dh rows ${rows}`).toBeLessThan(tol)
+        expect(relErr(got.dW, ref.dW), `dW rows ${rows}`).toBeLessThan(tol)
+        tgFull.forEach((t, n) => {
+          if (t >= 0) return
+          expect([got.lse[n], got.rowLoss[n]]).toEqual([0, 0])
+          for (let d = 0; d < D; d++) expect(got.dh[n * D + d]).toBe(0)
+        })
+      }
+    },
+  )
+
+  it("accumulates dh when asked (float64)", () => {
+    const h = rng.uniform(N * D, -2, 2)
+    const W = rng.uniform(V * D, -2, 2)
+    const init = rng.uniform(N * D, -1, 1)
+    const ref = reference(F64, h, W, init)
+    const got = fused(F64, h, W, 16, init)
+    expect(relErr(got.dh, ref.dh)).toBeLessThan(1e-12)
+    expect(relErr(got.dW, ref.dW)).toBeLessThan(1e-12)
+  })
+
+  it("is the gradient of gradScale·Σ rowLoss (float64, finite differences)", () => {
+    const h = rng.uniform(N * D, -2, 2)
+    const W = rng.uniform(V * D, -2, 2)
+    const loss = ([hs, ws]: ReadonlyArray<Float64Array>) =>
+      gradScale * fused(F64, hs!, ws!, 16).rowLoss.reduce((a, b) => a + b, 0)
+    const got = fused(F64, h, W, 16)
+    expectGradients(loss, [h, W], [got.dh, got.dW], rng, { samples: 150 })
+  })
+
+  it("no rows: dW is written as 0; no vocabulary: lse, rowLoss and dh are 0", () => {
+    const W = rng.uniform(V * D, -2, 2)
+    expect(Array.from(fused(F32, [], W, 0, undefined, 0).dW).every((x) => x === 0)).toBe(true)
+    const [hb, tb, rs] = [cpu.float(rng.uniform(N * D), F32), cpu.int32(tgFull), cpu.float(rsVar, F32)]
+    const [lse, out, dh, dW] = [
+      cpu.filled(N, F32, Number.NaN),
+      cpu.filled(N, F32, Number.NaN),
+      cpu.filled(N * D, F32, Number.NaN),
+      cpu.filled(1, F32, 5),
+    ]
+    cpu.exec("ce_fused", [hb, dW, tb, rs, lse, out, dh, dW], [F32, N, D, 0, 0, 1, 0])
+    for (const [id, n] of [
+      [lse, N],
+      [out, N],
+      [dh, N * D],
+    ] as const)
+      expect(Array.from(cpu.read(id, n, F32)).every((x) => x === 0)).toBe(true)
+  })
+
+  it("rejects short buffers and negative sizes", () => {
+    const bufs = () => [
+      cpu.filled(N * D, F32, 1),
+      cpu.filled(V * D, F32, 1),
+      cpu.int32(tgFull),
+      cpu.filled(N, F32, 1),
+      cpu.filled(N, F32, 0),
+      cpu.filled(N, F32, 0),
+      cpu.filled(N * D, F32, 0),
+      cpu.filled(V * D, F32, 0),
+    ]
+    const b = bufs()
+    cpu.exec("ce_fused", b, [F32, N, D, V, 16, 1, 0])
+    expectInvalid(() => cpu.exec("ce_fused", b, [F32, N, D, V + 1, 16, 1, 0]), /buffer 1/)
+    expectInvalid(() => cpu.exec("ce_fused", b, [F32, N + 1, D, V, 16, 1, 0]), /buffer 0/)
+    expectInvalid(() => cpu.exec("ce_fused", b, [F32, N, D, V, -1, 1, 0]), /non-negative/)
+    const short = bufs()
+    short[7] = cpu.filled(V * D - 1, F32, 0)
+    expectInvalid(() => cpu.exec("ce_fused", short, [F32, N, D, V, 16, 1, 0]), /buffer 7/)
   })
 })

@@ -227,6 +227,21 @@ const calls: Record<string, Call> = {
     sizes: [1, 2, 3, 5],
     unbounded: [5],
   },
+  ce_fused: {
+    buffers: [
+      [N * D, "f32"],
+      [V * D, "f32"],
+      [N, "i32"],
+      [N, "f32"],
+      [N, "f32"],
+      [N, "f32"],
+      [N * D, "f32"],
+      [V * D, "f32"],
+    ],
+    args: [0, N, D, V, 2, 1, 0],
+    sizes: [1, 2, 3, 4],
+    unbounded: [4],
+  },
   sum: {
     buffers: [
       [n, "f32"],

@@ -7,8 +7,13 @@
  * A vocabulary split over mesh axes is vocabulary-parallel: each device takes the max, the sum of
  * exponentials and the target logit over its rows, and these are combined over those axes, so no
  * device ever holds every logit of a token.
+ *
+ * With the vocabulary whole on each device and a gradient wanted, one op (ce_fused) does the
+ * forward and the backward at once, a chunk of rows at a time with each row's logits whole: the
+ * gradients are made in the forward pass (for a unit cotangent) and kept for the backward rule,
+ * which saves making the logits a second time.
  */
-import { record } from "../autodiff.ts"
+import { record, wantsGrad } from "../autodiff.ts"
 import { dtypeCode } from "../dtype.ts"
 import { numel } from "../shape.ts"
 import type { ShardedArray } from "../shardedArray.ts"
@@ -19,6 +24,8 @@ import { newArray, statsDtype } from "./local.ts"
 
 /** Rows of the vocabulary processed at once; small enough to stay in cache on the CPU. */
 const CHUNK = 512
+/** Rows per chunk of ce_fused: 0 lets the backend pick (CUDA: about 1 GiB of float32 logits). */
+const FUSED_ROWS = 0
 
 export const crossEntropyLoss = (
   h: ShardedArray,
@@ -44,10 +51,70 @@ export const crossEntropyLoss = (
   const start = (p: number) => (vAxes.length ? mesh.indexAlong(p, vAxes) * Vl : 0)
   const rows = [h.shape[0]!, h.shape[1]!]
   const stats = statsDtype(h.dtype)
+  const backend = engine.backend
+  /** Σ of the per-row losses over every row: a replicated scalar. */
+  const total = (rowLoss: ShardedArray): ShardedArray => {
+    // Σ over this device's rows: partial over the axes that split the rows.
+    const partialLoss = newArray(hs, [], P(), rowAxes, stats)
+    for (let p = 0; p < mesh.size; p++)
+      backend.exec("sum", [rowLoss.buffer(p), partialLoss.buffer(p)], [dtypeCode(stats), N, 1, 0])
+    const loss = coll.allReduce(partialLoss, rowAxes)
+    partialLoss.dispose()
+    return loss
+  }
+  if (vAxes.length === 0 && (wantsGrad(engine, hs) || wantsGrad(engine, ws))) {
+    const lse = newArray(hs, rows, rowSpec, [], stats)
+    const rowLoss = newArray(hs, rows, rowSpec, [], stats)
+    const dh = newArray(hs, hs.shape, hs.spec, vAxes)
+    const dw = newArray(ws, ws.shape, ws.spec, rowAxes, stats)
+    for (let p = 0; p < mesh.size; p++)
+      backend.exec(
+        "ce_fused",
+        [
+          hs.buffer(p),
+          ws.buffer(p),
+          tg.buffer(p),
+          rs.buffer(p),
+          lse.buffer(p),
+          rowLoss.buffer(p),
+          dh.buffer(p),
+          dw.buffer(p),
+        ],
+        [code, N, D, Vl, FUSED_ROWS, 1, 0],
+      )
+    const loss = total(rowLoss)
+    lse.dispose()
+    rowLoss.dispose()
+    // dh and dw wait for the backward pass (the step's tidy block frees them if it never runs).
+    record(engine, {
+      name: "cross_entropy_fused",
+      inputs: [hs, ws],
+      outputs: [loss],
+      backward: ([ct]) => {
+        if (!ct) {
+          dh.dispose()
+          dw.dispose()
+          return [undefined, undefined]
+        }
+        // The gradients were made for a unit cotangent (a replicated scalar, 1 when the loss is
+        // what is differentiated); any other scales them in place.
+        const c = ct.constant ?? Number(shardToHost(ct, 0)[0])
+        if (c !== 1)
+          for (const g of [dh, dw])
+            for (let p = 0; p < mesh.size; p++)
+              backend.exec(
+                "axpby",
+                [g.buffer(p), g.buffer(p)],
+                [dtypeCode(g.dtype), numel(g.localShape), c, 0],
+              )
+        return [dh, dw]
+      },
+    })
+    return loss
+  }
   const m = newArray(hs, rows, rowSpec, [], stats)
   const s = newArray(hs, rows, rowSpec, vAxes, stats)
   const z = newArray(hs, rows, rowSpec, vAxes, stats)
-  const backend = engine.backend
   for (let p = 0; p < mesh.size; p++)
     backend.exec(
       "ce_fwd",
@@ -74,12 +141,8 @@ export const crossEntropyLoss = (
       [code, N],
     )
   }
-  // Σ over this device's rows: partial over the axes that split the rows.
-  const partialLoss = newArray(hs, [], P(), rowAxes, stats)
-  for (let p = 0; p < mesh.size; p++)
-    backend.exec("sum", [rowLoss.buffer(p), partialLoss.buffer(p)], [dtypeCode(stats), N, 1, 0])
-  const loss = coll.allReduce(partialLoss, rowAxes)
-  for (const a of [m, s, z, rowLoss, partialLoss]) a.dispose()
+  const loss = total(rowLoss)
+  for (const a of [m, s, z, rowLoss]) a.dispose()
   if (mG !== m) mG.dispose()
   if (sG !== s) sG.dispose()
   if (zG !== z) zG.dispose()

@@ -10,6 +10,14 @@
 //   ce_bwd(h, W, targets, lse, rowScale, dh, dW; dtype, N, D, V, vocabStart, chunk, gradScale,
 //          accumulateDh): g_j = gradScale·rowScale·(exp(ℓ_j − lse) − [j = target − vocabStart]),
 //     dh (+)= Σ_j g_j·W_j, dW_j = Σ_n g_j·h_n (ignored rows contribute nothing)
+//   ce_fused(h, W, targets, rowScale, lse, rowLoss, dh, dW; dtype, N, D, V, chunkRows, gradScale,
+//            accumulateDh): the forward and backward at once for an unsplit vocabulary. The ROWS
+//     go by in chunks of chunkRows (0: automatic), so each chunk's whole logit rows [R, V] exist
+//     at once: lse = max + log Σ exp(ℓ − max), rowLoss = rowScale·(lse − ℓ_target), g =
+//     gradScale·rowScale·(softmax − onehot) in place over the logits, dh_chunk (+)= g·W,
+//     dW (+)= gᵀ·h_chunk (written by the first chunk). Ignored rows: lse = 0, rowLoss = 0, g = 0.
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -145,6 +153,67 @@ void bwd(OpCtx& c, const Dims& d) {
   });
 }
 
+// Logit elements per chunk when the caller leaves chunkRows to the op: 8 MiB of float32.
+constexpr int64_t kFusedElems = int64_t{1} << 21;
+
+template <typename T>
+void fused(OpCtx& c) {
+  const int64_t N = c.i(1), D = c.i(2), V = c.i(3), chunkRows = c.i(4);
+  check(N >= 0 && D >= 0 && V >= 0 && chunkRows >= 0, c.name + ": sizes must be non-negative");
+  const double gradScale = c.f(5);
+  const bool accumulate = c.i(6) != 0;
+  const T* h = c.need(0, mul(N, D), sizeof(T)).as<T>();
+  const T* W = c.need(1, mul(V, D), sizeof(T)).as<T>();
+  const int32_t* tg = c.need(2, N, sizeof(int32_t)).as<int32_t>();
+  const T* rs = c.need(3, N, sizeof(T)).as<T>();
+  T* lse = c.need(4, N, sizeof(T)).as<T>();
+  T* rowLoss = c.need(5, N, sizeof(T)).as<T>();
+  T* dh = c.need(6, mul(N, D), sizeof(T)).as<T>();
+  T* dW = c.need(7, mul(V, D), sizeof(T)).as<T>();
+  if (N == 0) {
+    std::fill(dW, dW + V * D, T(0));
+    return;
+  }
+  // Rows per chunk: the caller's, or as many as fit kFusedElems logits; never a buffer beyond
+  // 2^28 elements (a huge chunkRows is clamped there) nor more rows than N.
+  const int64_t Vc = std::max<int64_t>(V, 1);
+  int64_t R = chunkRows > 0 ? chunkRows : std::max<int64_t>(1, kFusedElems / Vc);
+  R = std::min({R, N, std::max<int64_t>(1, (int64_t{1} << 28) / Vc)});
+  std::vector<T> g(static_cast<size_t>(R * V));
+  for (int64_t n0 = 0; n0 < N; n0 += R) {
+    const int64_t nr = std::min(R, N - n0);
+    gemm<T>(nr, V, D, T(1), MatView<T>{h + n0 * D, D, false}, MatView<T>{W, D, true}, T(0), g.data(), V);
+    parallel_for(nr, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t n = n0 + i;
+        T* row = g.data() + i * V;
+        const int64_t t = tg[n];
+        if (t < 0 || V == 0) {
+          std::fill(row, row + V, T(0));
+          lse[n] = T(0);
+          rowLoss[n] = T(0);
+          continue;
+        }
+        T mx = row[0];
+        for (int64_t j = 1; j < V; ++j) mx = std::max(mx, row[j]);
+        const double z = t < V ? static_cast<double>(row[t]) : 0.0;
+        const double s = exp_shifted(row, mx, row, V);  // row = exp(ℓ − max)
+        const double L = static_cast<double>(mx) + std::log(s);
+        lse[n] = static_cast<T>(L);
+        rowLoss[n] = static_cast<T>(static_cast<double>(rs[n]) * (L - z));
+        const double scale = gradScale * static_cast<double>(rs[n]);
+        const T k = static_cast<T>(scale / s);
+        for (int64_t j = 0; j < V; ++j) row[j] *= k;  // scale·softmax
+        if (t < V) row[t] -= static_cast<T>(scale);
+      }
+    });
+    gemm<T>(nr, D, V, T(1), MatView<T>{g.data(), V, false}, MatView<T>{W, D, false}, accumulate ? T(1) : T(0),
+            dh + n0 * D, D);
+    gemm<T>(V, D, nr, T(1), MatView<T>{g.data(), V, true}, MatView<T>{h + n0 * D, D, false}, n0 == 0 ? T(0) : T(1), dW,
+            D);
+  }
+}
+
 void ce_fwd(OpCtx& c) {
   const Dims d = dims(c);
   MAGIX_FLOAT_DISPATCH(c, dtype_arg(c, 0), fwd<T>(c, d));
@@ -153,6 +222,8 @@ void ce_bwd(OpCtx& c) {
   const Dims d = dims(c);
   MAGIX_FLOAT_DISPATCH(c, dtype_arg(c, 0), bwd<T>(c, d));
 }
+
+void ce_fused(OpCtx& c) { MAGIX_FLOAT_DISPATCH(c, dtype_arg(c, 0), fused<T>(c)); }
 
 void ce_rescale(OpCtx& c) {
   const size_t N = c.n(1);
@@ -188,6 +259,7 @@ void ce_rowloss(OpCtx& c) {
 
 MAGIX_REGISTER_OP("cpu", "ce_fwd", ce_fwd);
 MAGIX_REGISTER_OP("cpu", "ce_bwd", ce_bwd);
+MAGIX_REGISTER_OP("cpu", "ce_fused", ce_fused);
 MAGIX_REGISTER_OP("cpu", "ce_rescale", ce_rescale);
 MAGIX_REGISTER_OP("cpu", "ce_lse", ce_lse);
 MAGIX_REGISTER_OP("cpu", "ce_rowloss", ce_rowloss);

@@ -21,6 +21,17 @@
 // makes each chunk's logits again, turns them into g (in place for float32, into a bf16 copy for
 // bf16), then dh (+)= g·W_chunk (cuBLASLt, beta = 1 after the first chunk, into a float32
 // accumulator under bf16 so dh is rounded once) and dW_chunk = gᵀ·h (cuBLASLt, float32 out).
+//
+//   ce_fused(h, W, targets, rowScale, lse, rowLoss, dh, dW; dtype, N, D, V, chunkRows, gradScale,
+//            accumulateDh): forward and backward at once for an unsplit vocabulary (three
+//     vocabulary-sized GEMMs instead of ce_fwd + ce_bwd's four). The ROWS go by in chunks of R
+//     (chunkRows, or with 0 as many as fit kFusedElems float32 logits, a multiple of 64): cuBLASLt
+//     writes the chunk's whole logit rows [R, V] in float32 to scratch, one block per row takes
+//     max and Σ exp (online, one pass), lse, rowLoss = rowScale·(lse − ℓ_target), and writes
+//     g = gradScale·rowScale·(softmax − onehot) over its own logits (float32: in place; bf16: into
+//     the first half of the row's bytes, so g has leading dimension 2V); then dh_chunk (+)= g·W
+//     (cuBLASLt, C in the compute dtype, rounded once) and dW (+)= gᵀ·h_chunk (float32, beta 0 on
+//     the first chunk). Ignored rows: lse = 0, rowLoss = 0, g = 0.
 #include <cstdlib>
 #include <cstring>
 
@@ -276,6 +287,205 @@ void ce_bwd(OpCtx& c) {
   });
 }
 
+// ---- ce_fused ----
+
+// Float32 logits per chunk when the caller leaves chunkRows to the op: 1 GiB of scratch. Each
+// chunk's dW GEMM reads and writes the whole float32 dW (V·D), so fewer, taller chunks keep that
+// GEMM compute-bound (2048 rows at V = 128256, where 1024 would make it about as memory-bound).
+constexpr int64_t kFusedElems = int64_t{1} << 28;
+
+// Rows per chunk: chunkRows, or as many as fit kFusedElems (a multiple of 64 when at least 64);
+// at most N, and never more than 2^28 logits (a huge chunkRows is clamped there).
+int64_t fused_rows_per_chunk(int64_t N, int64_t V, int64_t chunkRows) {
+  const int64_t Vc = std::max<int64_t>(V, 1);
+  int64_t R = chunkRows;
+  if (R == 0) {
+    R = std::max<int64_t>(1, kFusedElems / Vc);
+    if (R >= 64) R = R / 64 * 64;
+  }
+  R = std::min(R, std::max<int64_t>(1, (int64_t{1} << 28) / Vc));
+  return std::max<int64_t>(1, std::min(R, N));
+}
+
+// One block per row of a chunk (grid-stride): the row's lse and loss, then g over its logits.
+// float32: g in place. bf16: g[j] lands on the row's bytes [2j, 2j + 2), i.e. on float ⌊j/2⌋:
+// the row goes by in tiles, every thread loads its part of a tile, a barrier, then the stores:
+// tile k's stores cover floats below (k + 1)·tile/2, all of them loaded by tile k or before.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fused_rows(float* logits, int64_t R, int64_t V, const int32_t* __restrict tg,
+                                                       const float* __restrict rs, float* __restrict lse,
+                                                       float* __restrict loss, float gradScale) {
+  __shared__ float sm[32], ss[32];
+  __shared__ float sL;
+  const bool vec = V % 4 == 0;
+  for (int64_t n = blockIdx.x; n < R; n += gridDim.x) {
+    float* row = logits + n * V;
+    T* g = reinterpret_cast<T*>(row);
+    const int64_t t = tg[n];  // the same for the whole block: no divergent barrier
+    if (t < 0) {
+      for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_f<T>(0.f);
+      if (threadIdx.x == 0) lse[n] = 0.f, loss[n] = 0.f;
+      continue;
+    }
+    float mt = -INFINITY, st = 0.f;
+    auto add = [&](float x) {
+      if (x > mt) {
+        st = st * __expf(mt - x) + 1.f;
+        mt = x;
+      } else if (!(x == -INFINITY)) {
+        st += __expf(x - mt);
+      }
+    };
+    if (vec) {
+      for (int64_t j = threadIdx.x * 4; j < V; j += kThreads * 4) {
+        const float4 v = *reinterpret_cast<const float4*>(row + j);
+        add(v.x), add(v.y), add(v.z), add(v.w);
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < V; j += kThreads) add(row[j]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, mt, o), so = __shfl_xor_sync(0xffffffffu, st, o);
+      merge(mt, st, mo, so);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sm[warp] = mt, ss[warp] = st;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float M = sm[0], S = ss[0];
+      for (int w = 1; w < kThreads / 32; ++w) merge(M, S, sm[w], ss[w]);
+      const float L = M + logf(S);
+      const float z = t < V ? row[t] : 0.f;  // read before any g is stored
+      lse[n] = L;
+      loss[n] = rs[n] * (L - z);
+      sL = L;
+    }
+    __syncthreads();
+    const float L = sL, scale = gradScale * rs[n];
+    auto grad = [&](float x, int64_t j) { return scale * (__expf(x - L) - (j == t ? 1.f : 0.f)); };
+    if constexpr (sizeof(T) == 4) {
+      if (vec) {
+        for (int64_t j = threadIdx.x * 4; j < V; j += kThreads * 4) {
+          float4 v = *reinterpret_cast<const float4*>(row + j);
+          v.x = grad(v.x, j), v.y = grad(v.y, j + 1), v.z = grad(v.z, j + 2), v.w = grad(v.w, j + 3);
+          *reinterpret_cast<float4*>(row + j) = v;
+        }
+      } else {
+        for (int64_t j = threadIdx.x; j < V; j += kThreads) row[j] = grad(row[j], j);
+      }
+    } else if (vec) {
+      for (int64_t base = 0; base < V; base += kThreads * 4) {
+        const int64_t j = base + threadIdx.x * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (j < V) v = *reinterpret_cast<const float4*>(row + j);
+        __syncthreads();
+        if (j < V) {
+          uint2 packed;
+          packed.x = pack_bf16x2(grad(v.x, j), grad(v.y, j + 1));
+          packed.y = pack_bf16x2(grad(v.z, j + 2), grad(v.w, j + 3));
+          *reinterpret_cast<uint2*>(g + j) = packed;  // 8-byte aligned: V % 4 = 0
+        }
+      }
+    } else {
+      for (int64_t base = 0; base < V; base += kThreads) {
+        const int64_t j = base + threadIdx.x;
+        const float x = j < V ? row[j] : 0.f;
+        __syncthreads();
+        if (j < V) g[j] = from_f<T>(grad(x, j));
+      }
+    }
+    __syncthreads();  // sL and the shared partials are rewritten for the next row
+  }
+}
+
+void ce_fused(OpCtx& c) {
+  const int64_t N = c.i(1), D = c.i(2), V = c.i(3), chunkRows = c.i(4);
+  check(N >= 0 && D >= 0 && V >= 0 && chunkRows >= 0, c.name + ": sizes must be non-negative");
+  check(N <= 0x7fffffff, c.name + ": too many rows");
+  const float gradScale = static_cast<float>(c.f(5));
+  const bool accumulate = c.i(6) != 0;
+  cudaStream_t s = op_stream(c);
+  const int dev = op_device(c);
+  const DType dt = compute_dtype(c);
+  MAGIX_CUDA_DISPATCH(c, dt, {
+    constexpr bool kBf16 = sizeof(T) == 2;
+    const T* h = c.need(0, mul(N, D), sizeof(T)).as<T>();
+    const T* W = c.need(1, mul(V, D), sizeof(T)).as<T>();
+    const int32_t* tg = c.need(2, N, 4).as<int32_t>();
+    const float* rs = c.need(3, N, 4).as<float>();
+    float* lse = c.need(4, N, 4).as<float>();
+    float* loss = c.need(5, N, 4).as<float>();
+    T* dh = c.need(6, mul(N, D), sizeof(T)).as<T>();
+    float* dW = c.need(7, mul(V, D), 4).as<float>();  // a weight gradient: float32
+    if (N == 0) {
+      if (V * D > 0) CUDA_CHECK(cudaMemsetAsync(dW, 0, mul(V, D, 4), s));
+      return;
+    }
+    if (V == 0) {
+      CUDA_CHECK(cudaMemsetAsync(lse, 0, mul(N, 4), s));
+      CUDA_CHECK(cudaMemsetAsync(loss, 0, mul(N, 4), s));
+      if (!accumulate && D > 0) CUDA_CHECK(cudaMemsetAsync(dh, 0, mul(N, D, sizeof(T)), s));
+      return;
+    }
+    const int64_t R = fused_rows_per_chunk(N, V, chunkRows);
+    float* logits = static_cast<float*>(cuda_backend(c).scratch(dev, mul(R, V, 4)));
+    const T* g = reinterpret_cast<const T*>(logits);
+    const int64_t ldg = kBf16 ? 2 * V : V;  // bf16 g sits in the first half of each float32 row
+    for (int64_t n0 = 0; n0 < N; n0 += R) {
+      const int64_t nr = std::min(R, N - n0);
+      GemmArgs l;  // logits = h_chunk·Wᵀ
+      l.M = nr;
+      l.N = V;
+      l.K = D;
+      l.transB = true;
+      l.A = h + n0 * D;
+      l.lda = std::max<int64_t>(D, 1);
+      l.B = W;
+      l.ldb = std::max<int64_t>(D, 1);
+      l.C = logits;
+      l.ldc = V;
+      l.ab = dt;
+      l.c = DType::F32;
+      gemm(cuda_backend(c), dev, l);
+      fused_rows<T><<<row_blocks(nr), kThreads, 0, s>>>(logits, nr, V, tg + n0, rs + n0, lse + n0, loss + n0,
+                                                        gradScale);
+      CUDA_CHECK_LAUNCH();
+      if (D == 0) continue;  // dh and dW are empty
+      GemmArgs a;  // dh_chunk (+)= g·W
+      a.M = nr;
+      a.N = D;
+      a.K = V;
+      a.A = g;
+      a.lda = ldg;
+      a.B = W;
+      a.ldb = D;
+      a.C = dh + n0 * D;
+      a.ldc = D;
+      a.ab = dt;
+      a.c = dt;
+      a.beta = accumulate ? 1.f : 0.f;
+      gemm(cuda_backend(c), dev, a);
+      GemmArgs w;  // dW (+)= gᵀ·h_chunk
+      w.M = V;
+      w.N = D;
+      w.K = nr;
+      w.transA = true;
+      w.A = g;
+      w.lda = ldg;
+      w.B = h + n0 * D;
+      w.ldb = D;
+      w.C = dW;
+      w.ldc = D;
+      w.ab = dt;
+      w.c = DType::F32;
+      w.beta = n0 == 0 ? 0.f : 1.f;
+      gemm(cuda_backend(c), dev, w);
+    }
+  });
+}
+
 __global__ void rescale_kernel(const float* m, const float* mg, float* s, int64_t N) {
   for (int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; n < N; n += (int64_t)gridDim.x * blockDim.x)
     s[n] *= __expf(m[n] - mg[n]);
@@ -328,6 +538,7 @@ void ce_rowloss(OpCtx& c) {
 
 MAGIX_REGISTER_OP("cuda", "ce_fwd", ce_fwd);
 MAGIX_REGISTER_OP("cuda", "ce_bwd", ce_bwd);
+MAGIX_REGISTER_OP("cuda", "ce_fused", ce_fused);
 MAGIX_REGISTER_OP("cuda", "ce_rescale", ce_rescale);
 MAGIX_REGISTER_OP("cuda", "ce_lse", ce_lse);
 MAGIX_REGISTER_OP("cuda", "ce_rowloss", ce_rowloss);
