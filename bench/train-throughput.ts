@@ -231,7 +231,12 @@ const program = Effect.gen(function* () {
   )
   const pick = (r: Record<string, string | number>) =>
     Object.fromEntries(Object.keys(row).map((k) => [k, r[k] ?? ""])) as Record<string, string | number>
-  printTable([row, ...baselines.map(pick)])
+  // Magix's speed over each baseline's, measured in this same call.
+  const ratio = (r: Record<string, string | number>) =>
+    typeof r["tokens/s"] === "number" && r["tokens/s"] > 0
+      ? `${(row["tokens/s"] / r["tokens/s"]).toFixed(2)}×`
+      : ""
+  printTable([{ ...row, "magix ×": "" }, ...baselines.map((b) => ({ ...pick(b), "magix ×": ratio(b) }))])
   if (profile) {
     const m = (xs: number[]) => (xs.length ? mean(xs) : Number.NaN)
     console.log(
