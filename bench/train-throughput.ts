@@ -123,8 +123,8 @@ const program = Effect.gen(function* () {
   // events recorded around it. With a graph the first is a launch; the GPU time is the step's.
   const enqueueMs: number[] = []
   const gpuMs: number[] = []
-  // A step's loss is read after the next step is queued (as a training loop that logs does), so
-  // the host prepares step i + 1 while the GPU runs step i.
+  // A step's loss is read after the next step is queued, so the host prepares step i + 1 while
+  // the GPU runs step i (the read then waits for the whole stream, step i + 1 too: bench/NOTES.md).
   interface Pending {
     readonly loss: ShardedArray
     readonly batch: TokenBatch
