@@ -1,9 +1,10 @@
 /** Shared test helpers: layers for a CPU mesh with the fixture Hub, references, error norms. */
 import { join } from "node:path"
 import { Effect, Layer, type Scope } from "effect"
+import type { Engine } from "../src/core/engine.ts"
 import { makeMesh } from "../src/core/mesh.ts"
 import type { HostTokenBatch } from "../src/core/models/batch.ts"
-import { CpuRuntime, type Devices } from "../src/layers/Devices.ts"
+import { CpuRuntime, Devices } from "../src/layers/Devices.ts"
 import { Hub } from "../src/layers/Hub.ts"
 import { openSafetensors } from "../src/layers/SafetensorsFile.ts"
 
@@ -21,6 +22,15 @@ export const runCpu = <A, E>(
       Effect.scoped,
       Effect.provide(Layer.mergeAll(CpuRuntime({ devices }), Hub.localDirectory(join(fixtures, "hf")))),
     ),
+  )
+
+/** Runs f with the engine of a CPU backend of `devices` devices. */
+export const withEngine = (devices: number, f: (engine: Engine) => void) =>
+  Effect.runPromise(
+    Effect.gen(function* () {
+      const { engine } = yield* Devices
+      f(engine)
+    }).pipe(Effect.provide(CpuRuntime({ devices }))),
   )
 
 export const mesh = (shape: number[], names = ["data", "model"]) =>

@@ -14,22 +14,13 @@ import { crossEntropyLoss } from "../../src/core/ops/crossEntropy.ts"
 import { scale } from "../../src/core/ops/elementwise.ts"
 import { fromHost, type ShardedArray, shardToHost, toHost } from "../../src/core/shardedArray.ts"
 import { NamedSharding, P, type PartitionSpec } from "../../src/core/sharding.ts"
-import { CpuRuntime, Devices } from "../../src/layers/Devices.ts"
-import { mesh } from "../helpers.ts"
+import { mesh, withEngine } from "../helpers.ts"
 
 let seed = 11
 const rand = () => {
   seed = (Math.imul(seed, 1103515245) + 12345) >>> 0
   return seed / 2 ** 32 - 0.5
 }
-
-const withEngine = (devices: number, f: (engine: Engine) => void) =>
-  Effect.runPromise(
-    Effect.gen(function* () {
-      const { engine } = yield* Devices
-      f(engine)
-    }).pipe(Effect.provide(CpuRuntime({ devices }))),
-  )
 
 const [B, T, D, V] = [4, 6, 5, 12]
 const hData = Float64Array.from({ length: B * T * D }, () => 2 * rand())

@@ -20,8 +20,7 @@ import { rmsnorm } from "../../src/core/ops/rmsnorm.ts"
 import { rope } from "../../src/core/ops/rope.ts"
 import { fromHost, type ShardedArray, shardToHost, toHost } from "../../src/core/shardedArray.ts"
 import { NamedSharding, P, type PartitionSpec } from "../../src/core/sharding.ts"
-import { CpuRuntime, Devices } from "../../src/layers/Devices.ts"
-import { mesh } from "../helpers.ts"
+import { mesh, withEngine } from "../helpers.ts"
 
 let seed = 7
 const rand = () => {
@@ -95,14 +94,6 @@ const gradcheck = (
   }
   return { worst, outShape }
 }
-
-const withEngine = (devices: number, f: (engine: Engine) => void) =>
-  Effect.runPromise(
-    Effect.gen(function* () {
-      const { engine } = yield* Devices
-      f(engine)
-    }).pipe(Effect.provide(CpuRuntime({ devices }))),
-  )
 
 describe("finite-difference checks in float64", () => {
   it("linear, scale and add", () =>

@@ -4,6 +4,7 @@
  * replayed as a graph or op by op; what each step returned and what memory the graph kept.
  */
 import { Effect } from "effect"
+import type { Backend } from "../../src/core/backend.ts"
 import type { DType } from "../../src/core/dtype.ts"
 import { placeBatch } from "../../src/core/models/batch.ts"
 import { LlamaForCausalLM } from "../../src/core/models/decoder.ts"
@@ -68,3 +69,29 @@ export const graphTrainRun = (options: {
       params: Object.entries(params).map(([k, a]) => [k, toHost(a) as Float32Array] as const),
     }
   })
+
+/**
+ * Captures y = x + y on `b` and launches it twice: y as the capture left it (a capture runs
+ * nothing), after one launch and after two, and the graph's node count.
+ */
+export const launchTwice = (b: Backend) => {
+  const g = b.graphs!
+  const x = b.alloc(0, 16)
+  const y = b.alloc(0, 16)
+  const read = () => Array.from(new Float32Array(b.read(y, 0, 16).slice().buffer))
+  b.write(x, 0, new Float32Array([1, 2, 3, 4]))
+  b.write(y, 0, new Float32Array([10, 20, 30, 40]))
+  g.begin()
+  b.exec("axpby", [x, y], [0, 4, 1, 1])
+  const id = g.end()
+  const afterCapture = read()
+  g.launch(id)
+  const once = read()
+  g.launch(id)
+  const twice = read()
+  const nodes = g.nodes(id)
+  g.destroy(id)
+  b.free(x)
+  b.free(y)
+  return { afterCapture, once, twice, nodes }
+}

@@ -10,7 +10,7 @@ import { Effect, Layer, type Scope } from "effect"
 import { describe, expect, it } from "vitest"
 import { CudaRuntime, Devices, gpuAvailable } from "../../src/layers/Devices.ts"
 import { Hub } from "../../src/layers/Hub.ts"
-import { graphTrainRun } from "../core/graphRun.ts"
+import { graphTrainRun, launchTwice } from "../core/graphRun.ts"
 import { fixtures, relErr } from "../helpers.ts"
 
 const gpu = gpuAvailable()
@@ -41,26 +41,11 @@ describe.skipIf(!gpu)("CUDA graphs", () => {
     onCuda(
       Effect.gen(function* () {
         const { engine } = yield* Devices
-        const b = engine.backend
-        const g = b.graphs!
-        const x = b.alloc(0, 16)
-        const y = b.alloc(0, 16)
-        b.write(x, 0, new Float32Array([1, 2, 3, 4]))
-        b.write(y, 0, new Float32Array([10, 20, 30, 40]))
-        g.begin()
-        b.exec("axpby", [x, y], [0, 4, 1, 1])
-        const id = g.end()
-        const read = () => Array.from(new Float32Array(b.read(y, 0, 16).slice().buffer))
-        const captured = read()
-        g.launch(id)
-        g.launch(id)
-        const twice = read()
-        expect(g.nodes(id)).toBe(1)
-        g.destroy(id)
-        b.free(x)
-        b.free(y)
-        expect(captured).toEqual([10, 20, 30, 40])
-        expect(twice).toEqual([12, 24, 36, 48])
+        const seen = launchTwice(engine.backend)
+        expect(seen.afterCapture).toEqual([10, 20, 30, 40])
+        expect(seen.once).toEqual([11, 22, 33, 44])
+        expect(seen.twice).toEqual([12, 24, 36, 48])
+        expect(seen.nodes).toBe(1)
       }),
     ))
 })
