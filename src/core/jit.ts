@@ -466,32 +466,8 @@ export const jit = <A extends unknown[], R>(
     const ids = new Map<number, BufferId>(t.captured)
     const fixed = new Map<number, BufferId>()
     const copies = new Map<number, { readonly buffer: BufferId; readonly bytes: number }>()
-    t.inputSlots.forEach((slots, i) => {
-      const a = inputs[i]!
-      slots.forEach((s, p) => {
-        if (ids.has(s)) return
-        const caller = a.buffers[p]!
-        if (donatedSet.has(s)) {
-          ids.set(s, caller)
-          fixed.set(s, caller)
-        } else {
-          // The graph reads its own copy: the caller's buffer may be gone by the next launch.
-          const own = make(a.mesh.devices[p]!, a.bytesPerDevice)
-          backend.copy(own, 0, caller, 0, a.bytesPerDevice)
-          ids.set(s, own)
-          copies.set(s, { buffer: own, bytes: a.bytesPerDevice })
-        }
-      })
-    })
-    // Host data the step writes becomes a device constant copied in by the graph.
     const constants = new Map<Call, BufferId>()
-    for (const c of t.calls)
-      if (c.kind === "write") {
-        const alloc = t.calls.find((a) => a.kind === "alloc" && a.slot === c.slot)
-        const k = make(alloc && alloc.kind === "alloc" ? alloc.device : 0, c.data.byteLength)
-        backend.write(k, 0, c.data)
-        constants.set(c, k)
-      }
+    const blocks = new Map<number, BufferId>()
     const id = (s: number) => {
       const v = ids.get(s)
       if (v === undefined) throw new Error(`jit: capture reached slot ${s} before it was allocated`)
@@ -520,8 +496,40 @@ export const jit = <A extends unknown[], R>(
       planned,
       peakLive: lowest.get(device) ?? 0,
     }))
-    const blocks = new Map<number, BufferId>()
-    for (const [device, bytes] of plan.blockBytes) blocks.set(device, make(device, bytes))
+    // The graph's own memory comes first: where the device cannot hold it (the op-by-op cache is
+    // not this block), the step stays op by op rather than failing.
+    try {
+      t.inputSlots.forEach((slots, i) => {
+        const a = inputs[i]!
+        slots.forEach((s, p) => {
+          if (ids.has(s)) return
+          const caller = a.buffers[p]!
+          if (donatedSet.has(s)) {
+            ids.set(s, caller)
+            fixed.set(s, caller)
+          } else {
+            // The graph reads its own copy: the caller's buffer may be gone by the next launch.
+            const own = make(a.mesh.devices[p]!, a.bytesPerDevice)
+            backend.copy(own, 0, caller, 0, a.bytesPerDevice)
+            ids.set(s, own)
+            copies.set(s, { buffer: own, bytes: a.bytesPerDevice })
+          }
+        })
+      })
+      // Host data the step writes becomes a device constant copied in by the graph.
+      for (const c of t.calls)
+        if (c.kind === "write") {
+          const alloc = t.calls.find((a) => a.kind === "alloc" && a.slot === c.slot)
+          const k = make(alloc && alloc.kind === "alloc" ? alloc.device : 0, c.data.byteLength)
+          backend.write(k, 0, c.data)
+          constants.set(c, k)
+        }
+      for (const [device, bytes] of plan.blockBytes) blocks.set(device, make(device, bytes))
+    } catch (e) {
+      graphError = e
+      for (const b of made) backend.free(b)
+      return undefined
+    }
     const inCapture: BufferId[] = []
     let graph: GraphId | undefined
     try {

@@ -9,7 +9,7 @@
 import { Effect } from "effect"
 import { describe, expect, it } from "vitest"
 import type { Backend } from "../../src/core/backend.ts"
-import { NativeInvariantViolation } from "../../src/core/errors.ts"
+import { DeviceOutOfMemory, NativeInvariantViolation } from "../../src/core/errors.ts"
 import { jit } from "../../src/core/jit.ts"
 import { add, scale } from "../../src/core/ops/elementwise.ts"
 import { fromHost, type ShardedArray, toHost } from "../../src/core/shardedArray.ts"
@@ -80,6 +80,56 @@ describe("graph replay of a jitted step", () => {
     expect(out.acc).toEqual([10, 10, 10, 10])
     expect(out.other).toEqual([105, 105, 105, 105])
     expect(out.same).toBe(true)
+    expect(out.twice).toEqual([2, 4, 6, 8])
+  })
+
+  it("stays op by op, with the same results, when the graph's memory cannot be had", async () => {
+    const out = await runCpu(
+      1,
+      Effect.gen(function* () {
+        const { engine } = yield* Devices
+        const m = mesh([1, 1])
+        const place = (v: number) =>
+          fromHost(engine, new Float32Array([v, v, v, v]), [4], "float32", new NamedSharding(m, P()))
+        const step = jit(
+          (acc: ShardedArray, x: ShardedArray) => {
+            add(acc, x, acc)
+            return { acc, twice: scale(x, 2) }
+          },
+          { donate: [0], graph: true },
+        )
+        // A device that refuses the first allocation asked of it once armed: the capture's.
+        let armed = false
+        const inner = engine.backend
+        const refusing: Backend = {
+          ...inner,
+          alloc: (device, bytes) => {
+            if (!armed) return inner.alloc(device, bytes)
+            armed = false
+            throw new DeviceOutOfMemory({ device, requested: bytes, free: 0, inUse: 0, capacity: 0 })
+          },
+        }
+        const acc = yield* place(0)
+        const twice: number[] = []
+        for (let k = 1; k <= 4; k++) {
+          const x = yield* place(k)
+          armed = k === 3
+          const r = engine.withBackend(refusing, () => Effect.runSync(step(acc, x)))
+          twice.push((toHost(r.twice) as Float32Array)[0]!)
+        }
+        const seen = {
+          launches: step.graphLaunches,
+          error: step.graphError,
+          acc: Array.from(toHost(acc) as Float32Array),
+          twice,
+        }
+        step.dispose()
+        return seen
+      }),
+    )
+    expect(out.error).toBeInstanceOf(DeviceOutOfMemory)
+    expect(out.launches).toBe(0)
+    expect(out.acc).toEqual([10, 10, 10, 10])
     expect(out.twice).toEqual([2, 4, 6, 8])
   })
 })
