@@ -4,7 +4,8 @@
  * new inputs' buffers substituted, skipping all TypeScript work (sharding decisions, the autodiff
  * tape). Buffers the step allocates and frees are allocated and freed again on each replay (the
  * device allocator caches them); buffers it keeps (results) are fresh per call; buffers it keeps
- * but does not return (caches such as RoPE tables) are captured once and reused.
+ * but does not return (caches such as RoPE tables) are captured once and reused. With `graph`,
+ * the replay itself is captured once and launched after (see JitOptions.graph).
  *
  * Donated inputs may be updated in place (the optimizer writes parameters and moments where they
  * are), so a step that returns them returns the same arrays. A replay needs inputs of the same
@@ -247,12 +248,15 @@ export interface JitOptions {
   /** Indices (or parameter names) of arguments whose arrays the step may update in place. */
   readonly donate?: ReadonlyArray<number | string>
   /**
-   * Replay as a graph where the backend has graphs (a CUDA graph on the GPU): the second call of
-   * a layout captures the replay, later calls launch it with no per-op host work. Donated inputs
+   * Replay as a graph where the backend has graphs (a CUDA graph on the GPU): after the trace and
+   * one op-by-op replay (which warms the allocator, op scratch and matmul plans), the third call of
+   * a layout captures the replay and every later call launches it with no per-op host work. The
+   * step's buffers live in one block per device planned from their lifetimes (memoryPlan.ts). Donated inputs
    * must be the same arrays on every call (an in-place optimizer step's are); other inputs are
    * copied into the graph's own buffers and results copied out of them. A call the graph cannot
    * serve (other donated arrays) replays op by op; a capture that fails (a host synchronisation
-   * inside the step) leaves that layout on op-by-op replay, with the reason in `graphError`.
+   * inside the step, no memory for the block) leaves that layout on op-by-op replay, with the
+   * reason in `graphError`.
    */
   readonly graph?: boolean
   /** Layouts to give the result's arrays (Magix's out_shardings); converted inside the step. */
