@@ -23,6 +23,22 @@ const STEPS = 5
 /** Five train steps of the llama fixture on a 2×2 mesh, each on another batch. */
 const train = (graph: boolean) => runCpu(4, graphTrainRun({ graph, steps: STEPS, meshShape: [2, 2] }))
 
+/** acc += x (acc donated, updated in place), returning 2x too: a graph-replayed jit on one CPU device. */
+const accumulatingStep = Effect.gen(function* () {
+  const { engine } = yield* Devices
+  const m = mesh([1, 1])
+  const place = (v: number) =>
+    fromHost(engine, new Float32Array([v, v, v, v]), [4], "float32", new NamedSharding(m, P()))
+  const step = jit(
+    (acc: ShardedArray, x: ShardedArray) => {
+      add(acc, x, acc)
+      return { acc, twice: scale(x, 2) }
+    },
+    { donate: [0], graph: true },
+  )
+  return { engine, place, step }
+})
+
 describe("graph replay of a jitted step", () => {
   it("a captured train step matches op-by-op replay bit for bit over changing batches", async () => {
     const plain = await train(false)
@@ -46,17 +62,7 @@ describe("graph replay of a jitted step", () => {
     const out = await runCpu(
       1,
       Effect.gen(function* () {
-        const { engine } = yield* Devices
-        const m = mesh([1, 1])
-        const place = (v: number) =>
-          fromHost(engine, new Float32Array([v, v, v, v]), [4], "float32", new NamedSharding(m, P()))
-        const step = jit(
-          (acc: ShardedArray, x: ShardedArray) => {
-            add(acc, x, acc)
-            return { acc, twice: scale(x, 2) }
-          },
-          { donate: [0], graph: true },
-        )
+        const { place, step } = yield* accumulatingStep
         const acc = yield* place(0)
         const twice: ShardedArray[] = []
         for (let k = 1; k <= 4; k++) twice.push((yield* step(acc, yield* place(k))).twice)
@@ -87,17 +93,7 @@ describe("graph replay of a jitted step", () => {
     const out = await runCpu(
       1,
       Effect.gen(function* () {
-        const { engine } = yield* Devices
-        const m = mesh([1, 1])
-        const place = (v: number) =>
-          fromHost(engine, new Float32Array([v, v, v, v]), [4], "float32", new NamedSharding(m, P()))
-        const step = jit(
-          (acc: ShardedArray, x: ShardedArray) => {
-            add(acc, x, acc)
-            return { acc, twice: scale(x, 2) }
-          },
-          { donate: [0], graph: true },
-        )
+        const { engine, place, step } = yield* accumulatingStep
         // A device that refuses the first allocation asked of it once armed: the capture's.
         let armed = false
         const inner = engine.backend
