@@ -24,6 +24,12 @@ export interface Backend {
   free(id: BufferId): void
   write(id: BufferId, offset: number, data: ArrayBufferView): void
   read(id: BufferId, offset: number, length: number, out?: ArrayBufferView): Uint8Array
+  /**
+   * Starts a read behind the work queued so far and returns its finish, which waits for that
+   * work only (not for what was queued after the start): read step i's loss while step i + 1
+   * runs. Where absent, read.
+   */
+  readLater?(id: BufferId, offset: number, length: number): () => Uint8Array
   copy(dst: BufferId, dstOffset: number, src: BufferId, srcOffset: number, bytes: number): void
   stats(device: number): MemoryStats
   resetPeak(device: number): void

@@ -75,6 +75,10 @@ export const adaptNativeBackend = (addon: NativeAddon, native: NativeBackend): B
       }),
     write: (id, offset, data) => guard(() => native.write(id, offset, data)),
     read: (id, offset, length, out) => guard(() => native.read(id, offset, length, out)),
+    readLater: (id, offset, length) => {
+      const ticket = guard(() => native.readStart(id, offset, length))
+      return () => guard(() => native.readFinish(ticket, length))
+    },
     copy: (dst, dstOffset, src, srcOffset, bytes) =>
       guard(() => native.copy(dst, dstOffset, src, srcOffset, bytes)),
     stats: (device): MemoryStats => guard(() => native.stats(device)),

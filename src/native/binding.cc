@@ -116,6 +116,8 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
                            InstanceMethod<&BackendWrap::Write>("write"),
                            InstanceMethod<&BackendWrap::Read>("read"),
                            InstanceMethod<&BackendWrap::Copy>("copy"),
+                           InstanceMethod<&BackendWrap::ReadStart>("readStart"),
+                           InstanceMethod<&BackendWrap::ReadFinish>("readFinish"),
                            InstanceMethod<&BackendWrap::Stats>("stats"),
                            InstanceMethod<&BackendWrap::ResetPeak>("resetPeak"),
                            InstanceMethod<&BackendWrap::SetCapacity>("setCapacity"),
@@ -202,6 +204,22 @@ class BackendWrap : public Napi::ObjectWrap<BackendWrap> {
       }
       auto out = Napi::Buffer<uint8_t>::New(info.Env(), n);
       b.read_id(src, offset, out.Data(), n);
+      return static_cast<Napi::Value>(out);
+    });
+  }
+  Napi::Value ReadStart(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] {
+      const uint64_t t =
+          be(info.Env()).read_start(to_id(info[0]), to_size(info[1], "offset"), to_size(info[2], "length"));
+      return Napi::Number::New(info.Env(), static_cast<double>(t));
+    });
+  }
+  Napi::Value ReadFinish(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] {
+      const uint64_t t = to_size(info[0], "ticket");
+      const size_t n = to_size(info[1], "length");
+      auto out = Napi::Buffer<uint8_t>::New(info.Env(), n);
+      be(info.Env()).read_finish(t, out.Data(), n);
       return static_cast<Napi::Value>(out);
     });
   }

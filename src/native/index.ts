@@ -28,6 +28,9 @@ export interface NativeBackend {
   size(id: number): { bytes: number; device: number }
   write(id: number, offset: number, data: ArrayBufferView): void
   read(id: number, offset: number, length: number, out?: ArrayBufferView): Uint8Array
+  /** A read in two halves (see common/backend.h): the ticket waits only for work queued before it. */
+  readStart(id: number, offset: number, length: number): number
+  readFinish(ticket: number, length: number): Uint8Array
   copy(dst: number, dstOffset: number, src: number, srcOffset: number, bytes: number): void
   stats(device: number): NativeMemoryStats
   resetPeak(device: number): void

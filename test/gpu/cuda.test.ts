@@ -37,6 +37,7 @@ import { CpuRuntime, CudaRuntime, Devices, gpuAvailable } from "../../src/layers
 import { Hub } from "../../src/layers/Hub.ts"
 import { loadModelHub } from "../../src/layers/loadModel.ts"
 import { loadNative } from "../../src/native/index.ts"
+import { checkReadLater } from "../core/readLaterCheck.ts"
 import { families, fixtures, mesh, readReference, referenceBatch, relErr } from "../helpers.ts"
 
 const gpu = gpuAvailable()
@@ -157,6 +158,14 @@ describe.skipIf(!gpu)("CUDA runtime", () => {
       be.dispose()
     }
   })
+
+  it("a read started before later writes returns the value at its start (readLater)", () =>
+    onCuda(
+      Effect.gen(function* () {
+        const { engine } = yield* Devices
+        checkReadLater(engine.backend)
+      }),
+    ))
 
   it("out of memory is a typed error with the request, the free bytes and the largest allocations", async () => {
     const err = await onCuda(

@@ -1,6 +1,7 @@
 #include "backend.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace magix {
 
@@ -145,6 +146,7 @@ void Backend::free(uint64_t id) {
 
 void Backend::free_all() {
   destroy_graphs();
+  reads_.clear();
   std::lock_guard<std::mutex> lock(mu_);
   for (uint32_t slot = 0; slot < table_.size(); ++slot) {
     Entry& e = table_[slot];
@@ -205,6 +207,41 @@ void Backend::write_id(uint64_t dst, size_t offset, const void* src, size_t n) {
 void Backend::read_id(uint64_t src, size_t offset, void* dst, size_t n) {
   if (capture_) invalid("read: a graph capture cannot read device memory (it would synchronise the host); read after capture_end");
   read(lookup(src), offset, dst, n);
+}
+
+namespace {
+struct HostRead final : Backend::PendingRead {
+  std::vector<unsigned char> bytes;
+  void finish(void* dst, size_t n) override { std::memcpy(dst, bytes.data(), std::min(n, bytes.size())); }
+};
+}  // namespace
+
+std::unique_ptr<Backend::PendingRead> Backend::start_read(const BufRef& src, size_t offset, size_t n) {
+  auto r = std::make_unique<HostRead>();
+  r->bytes.resize(n);
+  read(src, offset, r->bytes.data(), n);
+  return r;
+}
+
+uint64_t Backend::read_start(uint64_t src, size_t offset, size_t n) {
+  if (capture_) invalid("read_start: a graph capture cannot read device memory; read after capture_end");
+  const BufRef b = lookup(src);
+  if (offset > b.bytes || n > b.bytes - offset)
+    invalid("read_start: range [" + std::to_string(offset) + ", " + std::to_string(offset + n) +
+            ") leaves a buffer of " + std::to_string(b.bytes) + " bytes");
+  const uint64_t ticket = next_read_++;
+  reads_.emplace(ticket, std::make_pair(n, start_read(b, offset, n)));
+  return ticket;
+}
+
+void Backend::read_finish(uint64_t ticket, void* dst, size_t n) {
+  auto it = reads_.find(ticket);
+  if (it == reads_.end()) invalid("read_finish: no pending read " + std::to_string(ticket) + " (each finishes once)");
+  if (n < it->second.first) invalid("read_finish: the output holds fewer bytes than the read");
+  auto pending = std::move(it->second.second);
+  const size_t bytes = it->second.first;
+  reads_.erase(it);
+  pending->finish(dst, bytes);
 }
 
 void Backend::copy_id(uint64_t dst, size_t dst_off, uint64_t src, size_t src_off, size_t n) {

@@ -110,6 +110,12 @@ class Backend {
   // during a capture and record copies into it.
   void write_id(uint64_t dst, size_t offset, const void* src, size_t n);
   void read_id(uint64_t src, size_t offset, void* dst, size_t n);
+  // A read in two halves: read_start queues the copy of n bytes behind the work queued so far and
+  // returns a ticket; read_finish waits for that copy only (not for work queued after it) and
+  // fills dst. A training loop starts reading step i's loss, queues step i + 1, then finishes
+  // the read while step i + 1 runs. Each ticket is finished once.
+  uint64_t read_start(uint64_t src, size_t offset, size_t n);
+  void read_finish(uint64_t ticket, void* dst, size_t n);
   void copy_id(uint64_t dst, size_t dst_off, uint64_t src, size_t src_off, size_t n);
 
   // Graphs: between capture_begin and capture_end, exec and copy_id are recorded instead of run
@@ -130,6 +136,11 @@ class Backend {
   bool capturing() const { return capture_ != nullptr; }
   // A capture is running or a graph exists: memory a graph may use (op scratch) must not move.
   bool graphs_alive() const { return capture_ != nullptr || !graphs_.empty(); }
+  // A started read (read_start): finish waits for its copy and fills dst.
+  struct PendingRead {
+    virtual ~PendingRead() = default;
+    virtual void finish(void* dst, size_t n) = 0;
+  };
   // What a kind's capture produces.
   struct Graph {
     virtual ~Graph() = default;
@@ -144,6 +155,8 @@ class Backend {
   virtual std::unique_ptr<Graph> end_capture();
   virtual void abort_capture() {}
   virtual bool records_on_host() const { return true; }
+  // The kind's half-reads. The default reads at once into host memory the ticket keeps.
+  virtual std::unique_ptr<PendingRead> start_read(const BufRef& src, size_t offset, size_t n);
   void destroy_graphs();
 
   virtual void* raw_alloc(int device, size_t bytes) = 0;
@@ -184,6 +197,8 @@ class Backend {
     if (capture_) capture_->used.insert(id);
   }
   std::unique_ptr<Capture> capture_;
+  std::map<uint64_t, std::pair<size_t, std::unique_ptr<PendingRead>>> reads_;
+  uint64_t next_read_ = 1;
   std::map<uint32_t, GraphEntry> graphs_;
   uint32_t next_graph_ = 1;
   std::string kind_;
