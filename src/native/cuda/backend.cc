@@ -52,6 +52,7 @@ CudaBackend::CudaBackend(int devices) : Backend("cuda", devices) {
   retired_scratch_.resize(devices);
   staging_.resize(devices);
   rings_.resize(devices);
+  read_rings_.resize(devices);
 }
 
 CudaBackend::~CudaBackend() {
@@ -76,9 +77,11 @@ CudaBackend::~CudaBackend() {
       if (staging_[d].slot[k]) cudaFreeHost(staging_[d].slot[k]);
       if (staging_[d].done[k]) cudaEventDestroy(staging_[d].done[k]);
     }
-    if (rings_[d].base) cudaFreeHost(rings_[d].base);
-    for (cudaEvent_t e : rings_[d].done)
-      if (e) cudaEventDestroy(e);
+    for (Ring* r : {&rings_[d], &read_rings_[d].ring}) {
+      if (r->base) cudaFreeHost(r->base);
+      for (cudaEvent_t e : r->done)
+        if (e) cudaEventDestroy(e);
+    }
     cudaEventDestroy(events_[d]);
     cudaEventDestroy(fork_[d]);
     cudaStreamDestroy(streams_[d]);
@@ -312,6 +315,49 @@ void CudaBackend::read(const BufRef& src, size_t offset, void* dst, size_t n) {
     const size_t off = i * kStagingPiece;
     std::memcpy(to + off, sg.slot[k], std::min(kStagingPiece, n - off));
   }
+}
+
+namespace {
+struct CudaRead final : Backend::PendingRead {
+  cudaEvent_t done = nullptr;
+  const void* slot = nullptr;
+  bool* busy = nullptr;
+  int device = 0;
+  void finish(void* dst, size_t n) override {
+    cudaSetDevice(device);
+    const cudaError_t e = cudaEventSynchronize(done);
+    if (e == cudaSuccess) std::memcpy(dst, slot, n);
+    *busy = false;
+    if (e != cudaSuccess) throw_cuda(e, "cudaEventSynchronize", __FILE__, __LINE__);
+  }
+  ~CudaRead() override {
+    if (busy) *busy = false;
+  }
+};
+}  // namespace
+
+std::unique_ptr<Backend::PendingRead> CudaBackend::start_read(const BufRef& src, size_t offset, size_t n) {
+  ReadRing& rr = read_rings_[src.device];
+  Ring& r = rr.ring;
+  if (!r.base) {
+    CUDA_CHECK(cudaHostAlloc(&r.base, kRingSlot * kRingSlots, cudaHostAllocDefault));
+    for (cudaEvent_t& e : r.done) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  const int k = r.next;
+  // Large reads, or every slot still waiting for its finish: read now.
+  if (n > kRingSlot || rr.busy[k]) return Backend::start_read(src, offset, n);
+  r.next = (r.next + 1) % kRingSlots;
+  rr.busy[k] = true;
+  auto p = std::make_unique<CudaRead>();
+  p->done = r.done[k];
+  p->slot = static_cast<char*>(r.base) + static_cast<size_t>(k) * kRingSlot;
+  p->busy = &rr.busy[k];
+  p->device = src.device;
+  CUDA_CHECK(cudaSetDevice(src.device));
+  CUDA_CHECK(cudaMemcpyAsync(const_cast<void*>(p->slot), static_cast<const char*>(src.ptr) + offset, n,
+                             cudaMemcpyDeviceToHost, streams_[src.device]));
+  CUDA_CHECK(cudaEventRecord(r.done[k], streams_[src.device]));
+  return p;
 }
 
 CudaBackend::Ring& CudaBackend::ring(int device) {

@@ -74,6 +74,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Graph> end_capture() override;
   void abort_capture() override;
   bool records_on_host() const override { return false; }
+  // Up to 256 KiB: a DMA into a pinned slot queued now, an event to wait for at the finish.
+  std::unique_ptr<PendingRead> start_read(const BufRef& src, size_t offset, size_t n) override;
   void* raw_alloc(int device, size_t bytes) override;
   void raw_free(int device, void* ptr, size_t bytes) override;
   size_t device_free(int device) const override;
@@ -124,6 +126,12 @@ class CudaBackend final : public Backend {
   static constexpr int kRingSlots = 16;
   Ring& ring(int device);
   std::vector<Ring> rings_;
+  // The same for half-reads (read_start): a slot stays busy until its read is finished.
+  struct ReadRing {
+    Ring ring;
+    bool busy[16] = {};
+  };
+  std::vector<ReadRing> read_rings_;
   std::map<std::vector<int>, int> auto_comms_;
   std::map<std::pair<int, int>, cudaEvent_t> timing_;
   int next_comm_ = 1;
