@@ -156,13 +156,6 @@ const program = Effect.gen(function* () {
     if (slot !== undefined) engine.backend.exec("event_record", [], [0, slot + 1])
     const read = startRead(out.loss)
     if (pending) settle(pending)
-    if (clock !== undefined)
-      for (let i = 0; i < WARMUP + STEPS; i++) {
-        const slot = slotOf(i)
-        if (slot === undefined) break
-        engine.backend.exec("event_elapsed", [clock], [0, slot, slot + 1])
-        gpuMs.push(new Float64Array(engine.backend.read(clock, 0, 8).slice().buffer)[0]!)
-      }
     pending = { loss: out.loss, read, batch }
     times.push(performance.now() - s)
     if (i === 0)
@@ -171,6 +164,13 @@ const program = Effect.gen(function* () {
       )
   }
   if (pending) settle(pending)
+  if (clock !== undefined)
+    for (let i = 0; i < WARMUP + STEPS; i++) {
+      const slot = slotOf(i)
+      if (slot === undefined) break
+      engine.backend.exec("event_elapsed", [clock], [0, slot, slot + 1])
+      gpuMs.push(new Float64Array(engine.backend.read(clock, 0, 8).slice().buffer)[0]!)
+    }
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length
   // The training steps' peak, read before the profiled step below (another jit, beside the
   // graph's memory block, which would count both).
