@@ -9,13 +9,44 @@
  * gradients are converted to the parameter's sharding), which is exactly where data parallelism
  * needs its all-reduce and FSDP its reduce-scatter. The cotangent of an array that is partial
  * over some axes is replicated over them: every rank's partial value has the same derivative.
+ *
+ * An array read by several ops collects several contributions. Rules whose kernels can add into
+ * their output (matmul's beta, rmsnorm_bwd's accumulateDx) are offered the cotangent collected so
+ * far (AccumulationTarget), so the common cases (q/k/v sharing an input, the residual stream) cost
+ * no separate add pass; every other contribution is added by `accumulate`.
  */
 import { hasLayout, sameLayout } from "./collectives.ts"
+import type { DType } from "./dtype.ts"
 import type { Engine } from "./engine.ts"
+import type { Mesh } from "./mesh.ts"
 import { add, fillArray } from "./ops/elementwise.ts"
 import type { ShardedArray } from "./shardedArray.ts"
 import { isShardedArray } from "./shardedArray.ts"
+import { type PartitionSpec, sameSplit } from "./sharding.ts"
 import { flattenWithPath, mapWithPath, type Tree } from "./tree.ts"
+
+/** The layout a backward rule would give an input's cotangent. */
+export interface CotangentLayout {
+  readonly shape: ReadonlyArray<number>
+  readonly dtype: DType
+  readonly mesh: Mesh
+  readonly spec: PartitionSpec
+  readonly partial: ReadonlyArray<string>
+}
+
+/**
+ * The cotangent already accumulated for input i, offered to a rule whose kernel can add its
+ * contribution into it (a matmul with beta = 1, rmsnorm_bwd's accumulateDx): an array used from
+ * several places (q/k/v reading one normed input, a residual stream) then gets no separate add.
+ * Undefined unless that cotangent has exactly the layout `like` and shares no buffer with `reads`
+ * (everything the rule's kernels read, which must not alias what they write). A rule that takes
+ * the offer returns the same array as that input's cotangent.
+ */
+export type AccumulationTarget = (
+  i: number,
+  like: CotangentLayout,
+  reads: ReadonlyArray<ShardedArray>,
+) => ShardedArray | undefined
 
 export interface TapeNode {
   readonly name: string
@@ -23,7 +54,10 @@ export interface TapeNode {
   readonly inputs: ReadonlyArray<ShardedArray | undefined>
   readonly outputs: ReadonlyArray<ShardedArray>
   /** Cotangents of the inputs (undefined where zero or not needed), given those of the outputs. */
-  backward(cotangents: ReadonlyArray<ShardedArray | undefined>): ReadonlyArray<ShardedArray | undefined>
+  backward(
+    cotangents: ReadonlyArray<ShardedArray | undefined>,
+    into: AccumulationTarget,
+  ): ReadonlyArray<ShardedArray | undefined>
 }
 
 export class Tape {
@@ -50,6 +84,49 @@ export const record = (engine: Engine, node: TapeNode): void => {
 /** Whether x's gradient is wanted (asked while recording: frozen weights are skipped in backward). */
 export const wantsGrad = (engine: Engine, x: ShardedArray): boolean => engine.tape?.tracked.has(x) ?? false
 
+let accumulateInPlace = true
+
+/**
+ * Turns the offers of AccumulationTarget off (every contribution then gets its own add): for
+ * tests comparing the two. Returns the previous setting.
+ */
+export const setAccumulateInPlace = (on: boolean): boolean => {
+  const was = accumulateInPlace
+  accumulateInPlace = on
+  return was
+}
+
+const sharesBuffer = (a: ShardedArray, others: ReadonlyArray<ShardedArray | undefined>): boolean => {
+  const mine = new Set(a.buffers)
+  return others.some((o) => o?.buffers.some((b) => mine.has(b)) ?? false)
+}
+
+const samePartial = (a: ReadonlyArray<string>, b: ReadonlyArray<string>) =>
+  a.length === b.length && a.every((x) => b.includes(x))
+
+/** Whether an accumulated cotangent may take a rule's contribution in place. */
+const canTake = (
+  prev: ShardedArray,
+  like: CotangentLayout,
+  reads: ReadonlyArray<ShardedArray | undefined>,
+): boolean =>
+  // A view writes into another array's buffers, a constant's value is assumed by readers: a
+  // separate add leaves both alone.
+  prev.base === undefined &&
+  prev.constant === undefined &&
+  !prev.isDisposed &&
+  prev.mesh === like.mesh &&
+  prev.dtype === like.dtype &&
+  prev.rank === like.shape.length &&
+  prev.shape.every((d, k) => d === like.shape[k]) &&
+  sameSplit(prev.mesh, prev.spec, like.spec, prev.rank) &&
+  // Partial sums add per device only over the same axes (one-device axes never count).
+  samePartial(
+    prev.partial,
+    like.partial.filter((a) => like.mesh.axisSize(a) > 1),
+  ) &&
+  !sharesBuffer(prev, reads)
+
 /** Adds a cotangent contribution for x into the map, reconciling layouts when they differ. */
 const accumulate = (
   engine: Engine,
@@ -62,6 +139,8 @@ const accumulate = (
     cts.set(x, ct)
     return
   }
+  // The rule took the AccumulationTarget offer: the contribution is already in.
+  if (ct === prev) return
   if (sameLayout(prev, ct)) {
     add(prev, ct, prev)
     ct.dispose()
@@ -98,7 +177,16 @@ export const backprop = (
     // A rule may hand an output's cotangent on unchanged (a cast to the same dtype).
     const passed = new Set<ShardedArray>()
     if (outCts.some((c) => c !== undefined)) {
-      const inCts = node.backward(outCts)
+      // The node's output cotangents are read by its rule and freed after it, and its own
+      // arrays may be read too: a target aliasing any of them is refused.
+      const into: AccumulationTarget = (i, like, reads) => {
+        const x = node.inputs[i]
+        if (!accumulateInPlace || !x || !tape.tracked.has(x)) return undefined
+        const prev = cts.get(x)
+        const avoid = [...reads, ...outCts, ...node.inputs, ...node.outputs]
+        return prev && canTake(prev, like, avoid) ? prev : undefined
+      }
+      const inCts = node.backward(outCts, into)
       node.inputs.forEach((x, i) => {
         const ct = inCts[i]
         if (!ct) return

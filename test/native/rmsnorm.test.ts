@@ -19,6 +19,28 @@ const reference = (x: ArrayLike<number>, w: ArrayLike<number>, N: number, D: num
   return { y, rstd }
 }
 
+/** dx = rstd·(g·dy − x̂·mean(g·dy·x̂)), g = w + offset, in float64. */
+const referenceDx = (
+  dy: ArrayLike<number>,
+  x: ArrayLike<number>,
+  w: ArrayLike<number>,
+  N: number,
+  D: number,
+  offset: number,
+) => {
+  const { rstd } = reference(x, w, N, D, offset)
+  const dx = new Float64Array(N * D)
+  for (let n = 0; n < N; n++) {
+    const r = rstd[n]!
+    let dot = 0
+    for (let d = 0; d < D; d++) dot += dy[n * D + d]! * (w[d]! + offset) * x[n * D + d]! * r
+    const mean = dot / D
+    for (let d = 0; d < D; d++)
+      dx[n * D + d] = r * (dy[n * D + d]! * (w[d]! + offset) - x[n * D + d]! * r * mean)
+  }
+  return dx
+}
+
 describe.each([0, 1])("rmsnorm, offset %i", (offset) => {
   it("forward matches the reference (float32)", () => {
     const [N, D] = [300, 70]
@@ -85,6 +107,37 @@ describe.each([0, 1])("rmsnorm, offset %i", (offset) => {
     expect(relErr(dx32!, dx64!)).toBeLessThan(1e-5)
     expect(relErr(dw32!, dw64!)).toBeLessThan(1e-5)
   })
+
+  it.each([
+    ["float32", F32, 1e-5],
+    ["float64", F64, 1e-12],
+  ] as const)("accumulateDx adds dx into what dx held (%s)", (_, dtype, tol) => {
+    const [N, D] = [37, 24]
+    const round = (a: Float64Array) => (dtype === F32 ? f32(a) : a)
+    const x = round(rng.uniform(N * D, -2, 2))
+    const w = round(rng.uniform(D))
+    const G = round(rng.uniform(N * D))
+    const before = round(rng.uniform(N * D, -3, 3))
+    const [xb, wb, y, rstd] = [
+      cpu.float(x, dtype),
+      cpu.float(w, dtype),
+      cpu.filled(N * D, dtype, 0),
+      cpu.filled(N, dtype, 0),
+    ]
+    cpu.exec("rmsnorm_fwd", [xb, wb, y, rstd], [dtype, N, D, eps, offset])
+    const [dx, dw] = [cpu.float(before, dtype), cpu.filled(D, dtype, Number.NaN)]
+    cpu.exec("rmsnorm_bwd", [cpu.float(G, dtype), xb, wb, rstd, dx, dw], [dtype, N, D, offset, 0, 1])
+    const want = referenceDx(G, x, w, N, D, offset).map((v, i) => before[i]! + v)
+    expect(relErr(cpu.read(dx, N * D, dtype), want)).toBeLessThan(tol)
+    // dw is unaffected by accumulating dx.
+    const dw0 = cpu.filled(D, dtype, Number.NaN)
+    cpu.exec(
+      "rmsnorm_bwd",
+      [cpu.float(G, dtype), xb, wb, rstd, cpu.filled(N * D, dtype, 0), dw0],
+      [dtype, N, D, offset, 0, 0],
+    )
+    expect(relErr(cpu.read(dw, D, dtype), cpu.read(dw0, D, dtype))).toBe(0)
+  })
 })
 
 describe("rmsnorm argument checks", () => {
@@ -102,5 +155,8 @@ describe("rmsnorm argument checks", () => {
     expectInvalid(() => cpu.exec("rmsnorm_fwd", [x, w, y, r], [F32, N, 0, eps, 0]), /positive/)
     expectInvalid(() => cpu.exec("rmsnorm_bwd", [y, x, w, r, y, r], [F32, N, D, 0, 0]), /buffer 5/)
     expectInvalid(() => cpu.exec("rmsnorm_bwd", [y, x, w, r, y, w], [F32, N, -1, 0, 0]), /non-negative/)
+    // An accumulated dx is read as it is written: it must be a buffer of its own.
+    expectInvalid(() => cpu.exec("rmsnorm_bwd", [y, x, w, r, y, w], [F32, N, D, 0, 0, 1]), /alias/)
+    expectInvalid(() => cpu.exec("rmsnorm_bwd", [y, x, w, r, x, w], [F32, N, D, 0, 0, 1]), /alias/)
   })
 })

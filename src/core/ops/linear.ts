@@ -94,15 +94,23 @@ export const linear = (x: ShardedArray, w: ShardedArray): ShardedArray => {
     name: "linear",
     inputs: [xs, ws],
     outputs: [y],
-    backward: ([ct]) => {
+    backward: ([ct], into) => {
       if (!ct) return [undefined, undefined]
       const dy = cotangentIn(ct, y)
-      // dx = dy·W contracts the output dimension: partial over W's output split.
-      const dx = needX ? newArray(xs, xs.shape, xs.spec, wOut) : undefined
+      // dx = dy·W contracts the output dimension: partial over W's output split. Where x feeds
+      // other ops too (q, k and v read one normed input), dx adds into the cotangent they left.
+      const prev = needX
+        ? into(0, { shape: xs.shape, dtype: xs.dtype, mesh: xs.mesh, spec: xs.spec, partial: wOut }, [
+            dy,
+            ws,
+            xs,
+          ])
+        : undefined
+      const dx = needX ? (prev ?? newArray(xs, xs.shape, xs.spec, wOut)) : undefined
       // dW = dyᵀ·x contracts the rows: partial over the axes that split them.
       const dw = needW ? newArray(ws, ws.shape, ws.spec, batchAxes, statsDtype(ws.dtype)) : undefined
       for (let p = 0; p < xs.mesh.size; p++) {
-        if (dx) localMatmul(dy, ws, dx, p, M, Kl, Nl, false, false)
+        if (dx) localMatmul(dy, ws, dx, p, M, Kl, Nl, false, false, prev !== undefined)
         if (dw) localMatmul(dy, xs, dw, p, Nl, Kl, M, true, false)
       }
       if (dy !== ct) dy.dispose()

@@ -30,17 +30,24 @@ export const rmsnorm = (x: ShardedArray, w: ShardedArray, eps: number, offset: 0
     name: "rmsnorm",
     inputs: [xs, ws, rstd],
     outputs: [y],
-    backward: ([ct]) => {
+    backward: ([ct], into) => {
       if (!ct) return [undefined, undefined, undefined]
       const dy = cotangentIn(ct, y)
-      const dx = newArray(xs, xs.shape, xs.spec)
+      // x usually also feeds a residual add: dx adds into the cotangent that left.
+      const prev = into(0, { shape: xs.shape, dtype: xs.dtype, mesh: xs.mesh, spec: xs.spec, partial: [] }, [
+        dy,
+        xs,
+        ws,
+        rstd,
+      ])
+      const dx = prev ?? newArray(xs, xs.shape, xs.spec)
       // dw sums over rows: partial over the axes that split them.
       const dw = newArray(ws, ws.shape, ws.spec, lead.flat(), statsDtype(ws.dtype))
       for (let p = 0; p < xs.mesh.size; p++)
         xs.engine.backend.exec(
           "rmsnorm_bwd",
           [dy.buffer(p), xs.buffer(p), ws.buffer(p), rstd.buffer(p), dx.buffer(p), dw.buffer(p)],
-          [code, N, D, offset, 0],
+          [code, N, D, offset, 0, prev ? 1 : 0],
         )
       if (dy !== ct) dy.dispose()
       return [dx, dw, undefined]

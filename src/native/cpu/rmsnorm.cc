@@ -1,7 +1,9 @@
 // RMSNorm over rows of D, with g = w + offset (offset 1 is Gemma's (1 + w)):
 //   rmsnorm_fwd(x, w, y, rstd; dtype, N, D, eps, offset):  rstd = 1/√(mean(x²) + eps), y = x·rstd·g
-//   rmsnorm_bwd(dy, x, w, rstd, dx, dw; dtype, N, D, offset, accumulateDw):
-//     x̂ = x·rstd, dx = rstd·(g·dy − x̂·mean(g·dy·x̂)), dw (+)= Σ_n dy·x̂
+//   rmsnorm_bwd(dy, x, w, rstd, dx, dw; dtype, N, D, offset, accumulateDw[, accumulateDx]):
+//     x̂ = x·rstd, dx (+)= rstd·(g·dy − x̂·mean(g·dy·x̂)), dw (+)= Σ_n dy·x̂
+// accumulateDx adds into a cotangent that already holds another contribution (a residual stream),
+// saving autodiff a separate add; dx must not alias dy or x.
 // Row statistics accumulate in float64.
 #include <vector>
 
@@ -37,6 +39,7 @@ void rmsnorm_bwd(OpCtx& c) {
   const size_t N = c.n(1), D = c.n(2);
   const double offset = c.f(3);
   const bool accumulate = c.i(4) != 0;
+  const bool accumulateDx = c.nargs > 5 && c.i(5) != 0;
   check(D > 0, "rmsnorm_bwd: D must be positive");
   MAGIX_FLOAT_DISPATCH(c, dtype_arg(c, 0), {
     const T* dy = c.need(0, mul(N, D), sizeof(T)).as<T>();
@@ -45,6 +48,7 @@ void rmsnorm_bwd(OpCtx& c) {
     const T* rstd = c.need(3, N, sizeof(T)).as<T>();
     T* dx = c.need(4, mul(N, D), sizeof(T)).as<T>();
     T* dw = c.need(5, D, sizeof(T)).as<T>();
+    check(!accumulateDx || (dx != dy && dx != x), "rmsnorm_bwd: an accumulated dx must not alias dy or x");
     // dw sums over rows: per-chunk partials, combined in chunk order.
     const int64_t rowsPerChunk = std::max<int64_t>(1, 16384 / static_cast<int64_t>(D));
     const int64_t chunks = (static_cast<int64_t>(N) + rowsPerChunk - 1) / rowsPerChunk;
@@ -67,7 +71,8 @@ void rmsnorm_bwd(OpCtx& c) {
           T* dxr = dx + n * D;
           for (size_t d = 0; d < D; ++d) {
             const double xh = xr[d] * r;
-            dxr[d] = static_cast<T>(r * (static_cast<double>(dyr[d]) * (w[d] + offset) - xh * mean));
+            const double v = r * (static_cast<double>(dyr[d]) * (w[d] + offset) - xh * mean);
+            dxr[d] = static_cast<T>(accumulateDx ? static_cast<double>(dxr[d]) + v : v);
           }
         }
       }

@@ -1,13 +1,15 @@
 // RMSNorm over rows of D (src/native/OPS.md), with g = w + offset (offset 0: Llama, 1: Gemma's 1 + w):
 //   rmsnorm_fwd(x, w, y, rstd; dtype, N, D, eps, offset):
 //     rstd = 1/√(mean(x²) + eps), y = (x·rstd)·g
-//   rmsnorm_bwd(dy, x, w, rstd, dx, dw; dtype, N, D, offset, accumulateDw):
-//     x̂ = x·rstd, dx = rstd·(g·dy − x̂·mean(g·dy·x̂)), dw (+)= Σ_n dy·x̂
+//   rmsnorm_bwd(dy, x, w, rstd, dx, dw; dtype, N, D, offset, accumulateDw[, accumulateDx]):
+//     x̂ = x·rstd, dx (+)= rstd·(g·dy − x̂·mean(g·dy·x̂)), dw (+)= Σ_n dy·x̂
 // x, w, y, dy, dx are the compute dtype; rstd and dw are float32 (stats and a weight gradient).
 // Arithmetic in float32. One block per row; a thread keeps its columns of the row in registers
 // (16-byte packs), so x is read once. The backward pass also accumulates each block's share of
 // dw in registers over a fixed set of rows, writes it to scratch, and a second kernel sums the
-// shares in a fixed order: dw has the same bits on every run (no atomics).
+// shares in a fixed order: dw has the same bits on every run (no atomics). Accumulating dx (a
+// residual stream's cotangent, saving autodiff a separate add) reads each element once, adds in
+// float32 and rounds once: the thread that writes an element is the only one that reads it.
 #include "common.cuh"
 
 namespace magix::cuda {
@@ -54,7 +56,7 @@ __global__ void fwd_vec(const T* __restrict x, const T* __restrict w, T* __restr
 template <typename T, int MAXP>
 __global__ void bwd_vec(const T* __restrict dy, const T* __restrict x, const T* __restrict w,
                         const float* __restrict rstd, T* __restrict dx, float* __restrict partial, int64_t N, int64_t D,
-                        float offset) {
+                        float offset, bool accumulateDx) {
   constexpr int P = Pack<T>::N;
   __shared__ float red[32];
   const int packs = static_cast<int>(D / P);
@@ -93,10 +95,12 @@ __global__ void bwd_vec(const T* __restrict dy, const T* __restrict x, const T* 
     for (int k = 0; k < MAXP; ++k) {
       const int idx = k * blockDim.x + threadIdx.x;
       if (idx < packs) {
-        float out[P];
+        float out[P], prev[P];
+        if (accumulateDx) load_pack(dx + n * D + idx * P, prev);
 #pragma unroll
         for (int j = 0; j < P; ++j) {
           out[j] = r * (dyv[k][j] * g[k][j] - xh[k][j] * mean);
+          if (accumulateDx) out[j] += prev[j];
           dw[k][j] += dyv[k][j] * xh[k][j];
         }
         store_pack(dx + n * D + idx * P, out);
@@ -133,7 +137,8 @@ __global__ void fwd_scalar(const T* x, const T* w, T* y, float* rstd, int64_t D,
 }
 
 template <typename T>
-__global__ void dx_scalar(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int64_t D, float offset) {
+__global__ void dx_scalar(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int64_t D, float offset,
+                          bool accumulateDx) {
   __shared__ float red[32];
   const int64_t n = blockIdx.x;
   const float r = rstd[n];
@@ -143,7 +148,8 @@ __global__ void dx_scalar(const T* dy, const T* x, const T* w, const float* rstd
   const float mean = block_sum(dot, red) / static_cast<float>(D);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const float xh = to_f(x[n * D + d]) * r;
-    dx[n * D + d] = from_f<T>(r * (to_f(dy[n * D + d]) * (to_f(w[d]) + offset) - xh * mean));
+    const float v = r * (to_f(dy[n * D + d]) * (to_f(w[d]) + offset) - xh * mean);
+    dx[n * D + d] = from_f<T>(accumulateDx ? to_f(dx[n * D + d]) + v : v);
   }
 }
 
@@ -206,6 +212,7 @@ void rmsnorm_bwd(OpCtx& c) {
   const size_t N = c.n(1), D = c.n(2);
   const float offset = static_cast<float>(c.f(3));
   const bool accumulate = c.i(4) != 0;
+  const bool accumulateDx = c.nargs > 5 && c.i(5) != 0;
   check(D > 0, "rmsnorm_bwd: D must be positive");
   cudaStream_t s = op_stream(c);
   const int dev = op_device(c);
@@ -216,6 +223,7 @@ void rmsnorm_bwd(OpCtx& c) {
     const float* rstd = c.need(3, N, 4).as<float>();
     T* dx = c.need(4, mul(N, D), sizeof(T)).as<T>();
     float* dw = c.need(5, D, 4).as<float>();  // a weight gradient: float32
+    check(!accumulateDx || (dx != dy && dx != x), "rmsnorm_bwd: an accumulated dx must not alias dy or x");
     if (N == 0) {
       if (!accumulate) CUDA_CHECK(cudaMemsetAsync(dw, 0, D * 4, s));
       return;
@@ -227,11 +235,11 @@ void rmsnorm_bwd(OpCtx& c) {
     const int per = vec_packs<T>(D, aligned16(dy, x, w, dx), threads);
     const unsigned grid = static_cast<unsigned>(G);
     const int64_t n64 = static_cast<int64_t>(N), d64 = static_cast<int64_t>(D);
-    if (per == 1) bwd_vec<T, 1><<<grid, threads, 0, s>>>(dy, x, w, rstd, dx, partial, n64, d64, offset);
-    else if (per == 2) bwd_vec<T, 2><<<grid, threads, 0, s>>>(dy, x, w, rstd, dx, partial, n64, d64, offset);
-    else if (per == 4) bwd_vec<T, 4><<<grid, threads, 0, s>>>(dy, x, w, rstd, dx, partial, n64, d64, offset);
+    if (per == 1) bwd_vec<T, 1><<<grid, threads, 0, s>>>(dy, x, w, rstd, dx, partial, n64, d64, offset, accumulateDx);
+    else if (per == 2) bwd_vec<T, 2><<<grid, threads, 0, s>>>(dy, x, w, rstd, dx, partial, n64, d64, offset, accumulateDx);
+    else if (per == 4) bwd_vec<T, 4><<<grid, threads, 0, s>>>(dy, x, w, rstd, dx, partial, n64, d64, offset, accumulateDx);
     else {
-      dx_scalar<T><<<static_cast<unsigned>(N), scalar_threads(D), 0, s>>>(dy, x, w, rstd, dx, d64, offset);
+      dx_scalar<T><<<static_cast<unsigned>(N), scalar_threads(D), 0, s>>>(dy, x, w, rstd, dx, d64, offset, accumulateDx);
       CUDA_CHECK_LAUNCH();
       dw_scalar<T><<<dim3(static_cast<unsigned>((D + 255) / 256), grid), 256, 0, s>>>(dy, x, rstd, partial, n64, d64);
     }
