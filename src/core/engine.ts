@@ -7,6 +7,8 @@
 import type { Tape } from "./autodiff.ts"
 import type { Backend, BufferId } from "./backend.ts"
 import { type CollectiveBackend, Collectives } from "./collectives.ts"
+import type { DType } from "./dtype.ts"
+import type { ShardedArray } from "./shardedArray.ts"
 
 /** Anything the engine can dispose at the end of a tidy block. */
 export interface Disposable {
@@ -25,6 +27,8 @@ export class Engine {
 
   private current: Backend
   private readonly base: Backend
+  /** Parameter → its kept copy in another dtype, while withCastShadows runs (see castShadow). */
+  private castShadows: ReadonlyMap<ShardedArray, ShardedArray> | undefined
 
   constructor(backend: Backend, comms?: CollectiveBackend) {
     this.current = backend
@@ -45,6 +49,28 @@ export class Engine {
     } finally {
       this.current = prev
     }
+  }
+
+  /**
+   * Runs fn with `shadows` (parameter → a copy of it in the compute dtype, kept equal to its cast
+   * by whoever holds them: the optimizer writes them with the update, see train.ts) in effect:
+   * castTo of such a parameter to the shadow's dtype reads the shadow instead of casting. Nested
+   * calls replace the map for their duration.
+   */
+  withCastShadows<T>(shadows: ReadonlyMap<ShardedArray, ShardedArray>, fn: () => T): T {
+    const prev = this.castShadows
+    this.castShadows = shadows
+    try {
+      return fn()
+    } finally {
+      this.castShadows = prev
+    }
+  }
+
+  /** The shadow of x in `dtype`, if withCastShadows gave one (same shape and sharding as x). */
+  castShadow(x: ShardedArray, dtype: DType): ShardedArray | undefined {
+    const s = this.castShadows?.get(x)
+    return s && s.dtype === dtype && !s.isDisposed ? s : undefined
   }
 
   get platform(): "cpu" | "cuda" {

@@ -42,7 +42,7 @@ type Call =
  * The buffers each op writes (indices into its buffer list): what jit checks donation against.
  * An op missing here is assumed to write every buffer.
  */
-const writes = (op: string, n: number): ReadonlyArray<number> => {
+const writes = (op: string, n: number, args?: ReadonlyArray<number>): ReadonlyArray<number> => {
   const fixed: Record<string, number[]> = {
     matmul: [2],
     embedding_fwd: [2],
@@ -72,7 +72,12 @@ const writes = (op: string, n: number): ReadonlyArray<number> => {
   const f = fixed[op]
   if (f) return f
   const all = Array.from({ length: n }, (_, i) => i)
-  if (op === "adamw") return all.filter((i) => i === 0 || (i >= 2 && (i - 2) % 4 !== 1))
+  if (op === "sumsq_multi") return [n - 1]
+  if (op === "adamw") {
+    // state, normSq, then p, g, m, v per tensor, then (with shadows) s per tensor: all but normSq and g.
+    const count = args?.[1] ?? (n - 2) / 4
+    return all.filter((i) => i === 0 || (i >= 2 && (i >= 2 + 4 * count || (i - 2) % 4 !== 1)))
+  }
   if (op === "all_gather" || op === "reduce_scatter") return all.slice(n / 2)
   return all
 }
@@ -151,7 +156,7 @@ class Recorder implements Backend {
     this.inner.copy(dst, dstOffset, src, srcOffset, bytes)
   }
   exec(op: string, buffers: ReadonlyArray<BufferId>, args: ReadonlyArray<number>): void {
-    for (const i of writes(op, buffers.length)) {
+    for (const i of writes(op, buffers.length, args)) {
       const owner = this.readOnly.get(this.slot(buffers[i]!))
       if (owner !== undefined) throw new DonationRequired(owner)
     }

@@ -244,33 +244,55 @@ export const checkFinite = (
 
 /**
  * Applies one update in place to params and state, consuming grads (they are left unchanged but
- * may be disposed by the caller). Grads must be sharded like their parameters.
+ * may be disposed by the caller). Grads must be sharded like their parameters. With `shadows`
+ * (a copy of every parameter in one other dtype, laid out as the parameter), the same pass also
+ * writes each updated parameter into its shadow, rounded as castTo rounds (train.ts keeps them
+ * for the forward pass).
  */
 export const applyUpdates = (
   optimizer: Optimizer,
   params: Readonly<Record<string, ShardedArray>>,
   grads: Readonly<Record<string, ShardedArray>>,
   state: OptState,
+  shadows?: Readonly<Record<string, ShardedArray>>,
 ): void => {
   const names = Object.keys(params)
   const first = params[names[0]!]!
   const engine = first.engine
   const mesh = first.mesh
+  const shadowList = shadows
+    ? names.map((name) => {
+        const s = shadows[name]
+        const p = params[name]!
+        if (!s || s.sharding.mesh !== mesh || numel(s.localShape) !== numel(p.localShape))
+          throw new Error(`applyUpdates: no shadow laid out like ${name}`)
+        return s
+      })
+    : undefined
+  const shadowDtype = shadowList?.[0]?.dtype
+  if (shadowList?.some((s) => s.dtype !== shadowDtype))
+    throw new Error("applyUpdates: the shadows must all have one dtype")
   // Σ g² over distinct elements: each device weighs its blocks by 1/replication, then all sum.
+  // One sumsq_multi per device (per gradient dtype) over every gradient: two launches on CUDA
+  // instead of two per tensor.
   const normSq = allocateArray(engine, [], "float64", new NamedSharding(mesh, P()), [...mesh.axisNames])
   try {
-    names.forEach((name, i) => {
+    const byDtype = new Map<string, ShardedArray[]>()
+    for (const name of names) {
       const g = grads[name]
       if (!g) throw new Error(`applyUpdates: no gradient for ${name}`)
-      const weight = 1 / g.sharding.replication
-      const n = numel(g.localShape)
+      const list = byDtype.get(g.dtype)
+      if (list) list.push(g)
+      else byDtype.set(g.dtype, [g])
+    }
+    let accumulate = 0
+    for (const gs of byDtype.values()) {
+      const args = [dtypeCode(gs[0]!.dtype), gs.length, accumulate]
+      for (const g of gs) args.push(numel(g.localShape), 1 / g.sharding.replication)
       for (let p = 0; p < mesh.size; p++)
-        engine.backend.exec(
-          "sumsq",
-          [g.buffer(p), normSq.buffer(p)],
-          [dtypeCode(g.dtype), n, weight, i === 0 ? 0 : 1],
-        )
-    })
+        engine.backend.exec("sumsq_multi", [...gs.map((g) => g.buffer(p)), normSq.buffer(p)], args)
+      accumulate = 1
+    }
     const total = engine.collectives.allReduce(normSq, mesh.axisNames)
     try {
       const { adam, clip, skip } = optimizer
@@ -288,6 +310,7 @@ export const applyUpdates = (
       ]
       for (const name of names)
         args.push(numel(params[name]!.localShape), adam.mask(name) ? adam.weightDecay : 0)
+      if (shadowDtype !== undefined) args.push(dtypeCode(shadowDtype))
       for (let p = 0; p < mesh.size; p++) {
         const buffers = [state.scalars.buffer(p), total.buffer(p)]
         for (const name of names)
@@ -297,6 +320,7 @@ export const applyUpdates = (
             state.mu[name]!.buffer(p),
             state.nu[name]!.buffer(p),
           )
+        if (shadowList) for (const s of shadowList) buffers.push(s.buffer(p))
         engine.backend.exec("adamw", buffers, args)
       }
     } finally {

@@ -1,9 +1,12 @@
 /**
  * The fused AdamW pass against a TypeScript transcription of OPS.md: several tensors (one without
  * weight decay), global-norm clipping on and off, every schedule kind as optax computes it, and
- * non-finite gradient norms skipped and counted.
+ * non-finite gradient norms skipped and counted. With shadows (an optional shadowDtype argument
+ * and one more buffer per tensor): s equals `cast` of the updated p bit for bit, p, m and v are as
+ * without, a skipped step leaves s; on the CPU, and on CUDA where a GPU is present.
  */
-import { afterAll, describe, expect, it } from "vitest"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { loadNative, type NativeBackend } from "../../src/native/index.ts"
 import { Cpu, expectInvalid, F32, F64, type FloatDtype, f32, Rng, relErr } from "./helpers.ts"
 
 const cpu = new Cpu()
@@ -179,5 +182,188 @@ describe("adamw schedules and checks", () => {
       /buffer 0/,
     )
     expect(cpu.read(state, 8, F64)).toEqual(before)
+  })
+})
+
+describe("adamw shadows", () => {
+  const raw = (id: number, bytes: number) => Array.from(cpu.backend.read(id, 0, bytes))
+  const esize = (code: number) => (code === 1 ? 8 : code === 2 ? 2 : 4)
+
+  // float32 parameters with bfloat16 shadows (the GPU's mixed precision) and float64 parameters
+  // with float32 shadows.
+  it.each([
+    [F32, 2],
+    [F64, 0],
+  ] as const)("dtype %i, shadowDtype %i: s = cast(p) after every step, p, m, v as without", (dtype, sdt) => {
+    const rng = new Rng(31)
+    const sizes = [37, 1, 4099]
+    const init = sizes.map((n) => [
+      f32(rng.uniform(n)),
+      f32(rng.uniform(n, 0, 0.1)),
+      f32(rng.uniform(n, 0, 0.01)),
+    ])
+    const make = () =>
+      init.flatMap(([p, m, v]) => [
+        cpu.float(p!, dtype),
+        cpu.filled(p!.length, dtype, 0),
+        cpu.float(m!, dtype),
+        cpu.float(v!, dtype),
+      ])
+    const plain = make()
+    const fused = make()
+    // Shadows start as garbage: the first update writes them whole.
+    const shadows = sizes.map((n) => {
+      const id = cpu.bytes(n * esize(sdt))
+      cpu.backend.write(id, 0, new Uint8Array(n * esize(sdt)).fill(0xff))
+      return id
+    })
+    const ts = sizes.map((n, i) => ({
+      p: new Float64Array(n),
+      m: init[i]![1]!,
+      v: init[i]![2]!,
+      wd: 0.05 * i,
+    }))
+    const sched: Schedule = [0, [1e-2, 0, 0, 0, 0]]
+    const statePlain = cpu.filled(8, F64, 0)
+    const stateFused = cpu.filled(8, F64, 0)
+    const normSq = cpu.filled(1, F64, 0)
+    const cast = cpu.bytes(Math.max(...sizes) * esize(sdt))
+    let shadowBefore: number[][] = []
+    for (const [step, k] of [1, 0.01, Number.NaN, 2].entries()) {
+      const grads = sizes.map((n) => f32(rng.uniform(n, -1, 1).map((g) => g * (Number.isFinite(k) ? k : 1))))
+      grads.forEach((g, i) => {
+        cpu.write(plain[4 * i + 1]!, g, dtype)
+        cpu.write(fused[4 * i + 1]!, g, dtype)
+      })
+      cpu.write(
+        normSq,
+        [Number.isFinite(k) ? grads.reduce((a, g) => a + g.reduce((s, x) => s + x * x, 0), 0) : k],
+        F64,
+      )
+      cpu.exec("adamw", [statePlain, normSq, ...plain], adamwArgs(dtype, sched, ts))
+      cpu.exec("adamw", [stateFused, normSq, ...fused, ...shadows], [...adamwArgs(dtype, sched, ts), sdt])
+      expect(raw(stateFused, 64)).toEqual(raw(statePlain, 64))
+      sizes.forEach((n, i) => {
+        for (let j = 0; j < 4; j++)
+          expect(
+            raw(fused[4 * i + j]!, n * (dtype === F32 ? 4 : 8)),
+            `step ${step} tensor ${i} buffer ${j}`,
+          ).toEqual(raw(plain[4 * i + j]!, n * (dtype === F32 ? 4 : 8)))
+        cpu.exec("cast", [fused[4 * i]!, cast], [dtype, sdt, n])
+        expect(raw(shadows[i]!, n * esize(sdt)), `step ${step} shadow ${i}`).toEqual(
+          raw(cast, n * esize(sdt)),
+        )
+      })
+      const now = shadows.map((s, i) => raw(s, sizes[i]! * esize(sdt)))
+      // The skipped step (a NaN norm) leaves the shadows as they were.
+      if (step === 2) expect(now).toEqual(shadowBefore)
+      else if (step > 0) expect(now).not.toEqual(shadowBefore)
+      shadowBefore = now
+    }
+  })
+
+  it("rejects bad shadow calls before changing anything", () => {
+    const state = cpu.float([3, 1, 1, 7, 0.5, 0, 0, 0], F64)
+    const before = cpu.read(state, 8, F64)
+    const ns = cpu.float([1], F64)
+    const t = [cpu.filled(4, F32, 1), cpu.filled(4, F32, 0.5), cpu.filled(4, F32, 0), cpu.filled(4, F32, 0)]
+    const s = cpu.filled(2, F32, 0) // 4 bfloat16
+    const args = [F32, 1, b1, b2, eps, 0, 1, 0, 1e-3, 0, 0, 0, 0, 4, 0]
+    expectInvalid(() => cpu.exec("adamw", [state, ns, ...t, s], [...args, 4]), /shadowDtype/)
+    expectInvalid(() => cpu.exec("adamw", [state, ns, ...t], [...args, 2]), /buffers/)
+    expectInvalid(() => cpu.exec("adamw", [state, ns, ...t, s], args), /buffers/)
+    expectInvalid(() => cpu.exec("adamw", [state, ns, ...t, cpu.filled(1, F32, 0)], [...args, 2]), /buffer 6/)
+    expectInvalid(() => cpu.exec("adamw", [state, ns, ...t, s], [...args, 0]), /buffer 6/)
+    expect(cpu.read(state, 8, F64)).toEqual(before)
+    cpu.exec("adamw", [state, ns, ...t, s], [...args, 2])
+    expect(cpu.read(state, 1, F64)[0]).toBe(4)
+  })
+})
+
+const gpus = (() => {
+  try {
+    return loadNative().cudaProbe().devices
+  } catch {
+    return 0
+  }
+})()
+
+describe.skipIf(gpus === 0)("adamw shadows on CUDA", () => {
+  let cuda: NativeBackend
+  beforeAll(() => {
+    cuda = loadNative().createCuda(1)
+  })
+  afterAll(() => cuda?.dispose())
+
+  it("s = cast(p) bit for bit, p, m, v as without shadows; a skipped step leaves s", () => {
+    const rng = new Rng(41)
+    // Odd sizes: scalar tails, a tensor of several tiles, a misaligned-length one.
+    const sizes = [3, 4096 * 3 + 5, 1000, 1]
+    const upload = (a: ArrayBufferView) => {
+      const id = cuda.alloc(0, Math.max(16, a.byteLength))
+      cuda.write(id, 0, a)
+      return id
+    }
+    const bytes = (id: number, n: number) => Array.from(cuda.read(id, 0, n))
+    const op = (name: string) => cuda.opNames().indexOf(name)
+    const init = sizes.map((n) => [0, 1, 2].map(() => Float32Array.from(rng.uniform(n, -1, 1))))
+    const make = () =>
+      init.flatMap(([p, m, v]) => [
+        upload(p!),
+        upload(new Float32Array(p!.length)),
+        upload(m!.map(Math.abs)),
+        upload(v!.map((x) => x * x)),
+      ])
+    const plain = make()
+    const fused = make()
+    const shadows = sizes.map((n) => upload(new Uint16Array(n).fill(0xffff)))
+    const cast = cuda.alloc(0, 2 * Math.max(...sizes))
+    const ids: number[] = [...plain, ...fused, ...shadows, cast]
+    try {
+      const statePlain = upload(new Float64Array(8))
+      const stateFused = upload(new Float64Array(8))
+      const normSq = upload(new Float64Array(1))
+      ids.push(statePlain, stateFused, normSq)
+      const args = [
+        F32,
+        sizes.length,
+        b1,
+        b2,
+        eps,
+        maxNorm,
+        1,
+        0,
+        1e-2,
+        0,
+        0,
+        0,
+        0,
+        ...sizes.flatMap((n, i) => [n, 0.01 * i]),
+      ]
+      let before: number[][] = []
+      for (const [step, k] of [1, Number.NaN, 3].entries()) {
+        sizes.forEach((n, i) => {
+          const g = Float32Array.from(rng.uniform(n, -1, 1))
+          cuda.write(plain[4 * i + 1]!, 0, g)
+          cuda.write(fused[4 * i + 1]!, 0, g)
+        })
+        cuda.write(normSq, 0, Float64Array.of(k))
+        cuda.exec(op("adamw"), [statePlain, normSq, ...plain], args)
+        cuda.exec(op("adamw"), [stateFused, normSq, ...fused, ...shadows], [...args, 2])
+        expect(bytes(stateFused, 64)).toEqual(bytes(statePlain, 64))
+        const now = sizes.map((n, i) => {
+          for (let j = 0; j < 4; j++)
+            expect(bytes(fused[4 * i + j]!, 4 * n)).toEqual(bytes(plain[4 * i + j]!, 4 * n))
+          cuda.exec(op("cast"), [fused[4 * i]!, cast], [0, 2, n])
+          const s = bytes(shadows[i]!, 2 * n)
+          expect(s, `step ${step} shadow ${i}`).toEqual(bytes(cast, 2 * n))
+          return s
+        })
+        if (step === 1) expect(now).toEqual(before)
+        before = now
+      }
+    } finally {
+      for (const id of ids) cuda.free(id)
+    }
   })
 })

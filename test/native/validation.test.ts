@@ -108,7 +108,7 @@ const calls: Record<string, Call> = {
       [N * D, "f32"],
       [D, "f32"],
     ],
-    args: [0, N, D, 1, 0],
+    args: [0, N, D, 1, 0, 1],
     sizes: [1, 2],
   },
   rope: {
@@ -257,6 +257,15 @@ const calls: Record<string, Call> = {
     ],
     args: [0, n, 1, 0],
     sizes: [1],
+  },
+  sumsq_multi: {
+    buffers: [
+      [n, "f32"],
+      [N, "f32"],
+      [1, "f64"],
+    ],
+    args: [0, 2, 0, n, 1, N, 0.5],
+    sizes: [1, 3, 5],
   },
   adamw: {
     buffers: [

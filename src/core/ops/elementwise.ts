@@ -6,7 +6,7 @@ import { sameLayout } from "../collectives.ts"
 import { type DType, dtypeCode } from "../dtype.ts"
 import type { Engine } from "../engine.ts"
 import { numel, type Shape } from "../shape.ts"
-import { allocateArray, type ShardedArray, shardToHost } from "../shardedArray.ts"
+import { allocateArray, ShardedArray, shardToHost } from "../shardedArray.ts"
 import { NamedSharding, PartitionSpec } from "../sharding.ts"
 import { execEach, like, statsDtype } from "./local.ts"
 
@@ -67,13 +67,34 @@ export const scale = (x: ShardedArray, c: number): ShardedArray => {
   return out
 }
 
-/** x converted to another dtype (bfloat16 copies of float32 master weights); the gradient converts back. */
+/**
+ * x converted to another dtype (bfloat16 copies of float32 master weights); the gradient converts
+ * back. A parameter with a shadow in that dtype (Engine.withCastShadows: the train step keeps them,
+ * written by the optimizer with each update) is not cast: the result is a view of its shadow,
+ * recorded on the tape the same way.
+ */
 export const castTo = (x: ShardedArray, dtype: DType): ShardedArray => {
   if (x.dtype === dtype) return x
   const engine = x.engine
-  const out = allocateArray(engine, x.shape, dtype, x.sharding, x.partial)
-  const n = numel(x.localShape)
-  execEach(engine, x, "cast", (p) => [x.buffer(p), out.buffer(p)], [dtypeCode(x.dtype), dtypeCode(dtype), n])
+  const shadow = x.partial.length === 0 ? engine.castShadow(x, dtype) : undefined
+  let out: ShardedArray
+  if (
+    shadow &&
+    shadow.sharding === x.sharding &&
+    shadow.rank === x.rank &&
+    shadow.shape.every((d, i) => d === x.shape[i])
+  ) {
+    // A view: each use is its own array on the tape, and freeing it leaves the shadow alone.
+    out = new ShardedArray(engine, x.shape, dtype, x.sharding, shadow.buffers, [], shadow)
+  } else {
+    out = allocateArray(engine, x.shape, dtype, x.sharding, x.partial)
+    const n = numel(x.localShape)
+    execEach(engine, x, "cast", (p) => [x.buffer(p), out.buffer(p)], [
+      dtypeCode(x.dtype),
+      dtypeCode(dtype),
+      n,
+    ])
+  }
   record(engine, {
     name: "cast",
     inputs: [x],

@@ -6,11 +6,16 @@
 //   norm ≥ maxNorm (else 1): g' = scale·g, m = b1·m + (1 − b1)·g', v = b2·v + (1 − b2)·g'²,
 //   p −= lr·((m / (1 − b1ᵗ)) / (√(v / (1 − b2ᵗ)) + eps) + wd·p); state[0] = t, state[4] = lr.
 //   state[3] = norm always. state: float64 [8]; normSq: float64 [1].
+// Optional shadows: with one more argument, shadowDtype, after the per-tensor pairs, buffers
+// s_0, ..., s_{count-1} follow the quads and every updated p is also written to s converted to
+// shadowDtype, rounded as `cast` rounds (the compute-dtype copies the next forward pass reads). A
+// skipped step leaves them, like p, unchanged.
 // Schedules (at c, updates already applied): 0 constant(v); 1 linear(init, end, steps);
 // 2 warmup-cosine(init, peak, warmup, decaySteps, end), as optax computes them.
 #include <cmath>
 #include <vector>
 
+#include "elementwise.h"
 #include "kernel.h"
 
 namespace magix::cpu {
@@ -34,8 +39,8 @@ double schedule(int64_t kind, const double* s, double c) {
 }
 
 template <typename T>
-void update(T* p, const T* g, T* m, T* v, size_t n, double scale, double b1, double b2, double eps, double lr, double wd,
-            double bc1, double bc2) {
+void update(T* p, const T* g, T* m, T* v, void* shadow, DType sdt, size_t n, double scale, double b1, double b2,
+            double eps, double lr, double wd, double bc1, double bc2) {
   parallel_for(static_cast<int64_t>(n), 1 << 14, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const double gi = scale * static_cast<double>(g[i]);
@@ -45,6 +50,7 @@ void update(T* p, const T* g, T* m, T* v, size_t n, double scale, double b1, dou
       v[i] = static_cast<T>(vi);
       const double pi = static_cast<double>(p[i]);
       p[i] = static_cast<T>(pi - lr * ((mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * pi));
+      if (shadow) store_from_double(shadow, static_cast<size_t>(i), sdt, static_cast<double>(p[i]));
     }
   });
 }
@@ -56,7 +62,14 @@ void adamw(OpCtx& c) {
   const int64_t kind = c.i(7);
   double sched[5];
   for (int i = 0; i < 5; ++i) sched[i] = c.f(8 + i);
-  check(c.bufs.size() == 2 + 4 * count, "adamw: buffers must be state, normSq, then p, g, m, v per tensor");
+  check(count <= c.bufs.size(), "adamw: buffers must be state, normSq, then p, g, m, v per tensor");
+  // A shadowDtype argument after the per-tensor pairs asks for shadows s_i after the quads.
+  const bool shadows = c.nargs > 13 + 2 * count;
+  const DType sdt = shadows ? dtype_arg(c, 13 + 2 * count) : DType::F32;
+  check(c.bufs.size() == (shadows ? 2 + 5 * count : 2 + 4 * count),
+        "adamw: buffers must be state, normSq, then p, g, m, v per tensor (then s per tensor with shadowDtype)");
+  check(!shadows || sdt == DType::F32 || sdt == DType::F64 || sdt == DType::BF16,
+        "adamw: shadowDtype must be float32, float64 or bfloat16");
   double* state = c.need(0, 8, sizeof(double)).as<double>();
   const double normSq = *c.need(1, 1, sizeof(double)).as<double>();
   // Every buffer and argument is checked before anything changes.
@@ -65,6 +78,7 @@ void adamw(OpCtx& c) {
     for (size_t i = 0; i < count; ++i) {
       c.f(14 + 2 * i);  // its weight decay is there
       for (size_t j = 0; j < 4; ++j) c.need(2 + 4 * i + j, c.n(13 + 2 * i), sizeof(T));
+      if (shadows) c.need(2 + 4 * count + i, c.n(13 + 2 * i), dtype_size(sdt));
     }
   });
   const double norm = std::sqrt(normSq);
@@ -87,7 +101,8 @@ void adamw(OpCtx& c) {
       const T* g = c.need(3 + 4 * i, n, sizeof(T)).as<T>();
       T* m = c.need(4 + 4 * i, n, sizeof(T)).as<T>();
       T* v = c.need(5 + 4 * i, n, sizeof(T)).as<T>();
-      update(p, g, m, v, n, scale, b1, b2, eps, lr, wd, bc1, bc2);
+      void* sh = shadows ? c.buf(2 + 4 * count + i).ptr : nullptr;
+      update(p, g, m, v, sh, sdt, n, scale, b1, b2, eps, lr, wd, bc1, bc2);
     }
   });
   state[0] = t;

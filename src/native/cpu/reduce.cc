@@ -1,6 +1,9 @@
 // Reductions, accumulated in float64 in a fixed order (the same bits on every run):
 //   sum(x, out; dtype, n, weight, accumulate):   out[0] (+)= weight·Σ x     (out: the dtype)
 //   sumsq(x, out; dtype, n, weight, accumulate): out[0] (+)= weight·Σ x²    (out: float64)
+//   sumsq_multi(x_0, ..., x_{k-1}, out; dtype, k, accumulate, n_0, weight_0, ..., n_{k-1}, weight_{k-1}):
+//     out[0] (+)= Σ_i weight_i·Σ x_i²  (out: float64; the tensors added in list order, each as
+//     sumsq reduces it, so the result has the bits of k sumsq calls with accumulate on after the first)
 #include <vector>
 
 #include "kernel.h"
@@ -54,8 +57,30 @@ void sumsq(OpCtx& c) {
   });
 }
 
+void sumsq_multi(OpCtx& c) {
+  const size_t count = c.n(1);
+  const bool accumulate = c.i(2) != 0;
+  check(c.bufs.size() == add(count, 1), "sumsq_multi: buffers must be x_0, ..., x_{count-1}, out");
+  // Every buffer and argument is checked before anything is read or written.
+  double* out = c.need(count, 1, sizeof(double)).as<double>();
+  MAGIX_FLOAT_DISPATCH(c, dtype_arg(c, 0), {
+    for (size_t i = 0; i < count; ++i) {
+      c.f(4 + 2 * i);  // its weight is there
+      c.need(i, c.n(3 + 2 * i), sizeof(T));
+    }
+    double total = accumulate ? out[0] : 0.0;
+    for (size_t i = 0; i < count; ++i) {
+      const size_t n = c.n(3 + 2 * i);
+      const double v = c.f(4 + 2 * i) * reduce<T, true>(c.buf(i).as<T>(), n);
+      total = (i == 0 && !accumulate) ? v : total + v;
+    }
+    out[0] = total;
+  });
+}
+
 MAGIX_REGISTER_OP("cpu", "sum", sum);
 MAGIX_REGISTER_OP("cpu", "sumsq", sumsq);
+MAGIX_REGISTER_OP("cpu", "sumsq_multi", sumsq_multi);
 
 }  // namespace
 }  // namespace magix::cpu

@@ -8,6 +8,9 @@
 //   state[3] = norm always. state: float64 [8]; normSq: float64 [1]; p, g, m, v: float32.
 // Schedules at c (updates already applied): 0 constant(v); 1 linear(init, end, steps);
 // 2 warmup-cosine(init, peak, warmup, decaySteps, end).
+// Optional shadows: a shadowDtype argument (2, bfloat16) after the per-tensor pairs, and buffers
+// s_0, ..., s_{count-1} (bfloat16) after the quads: every updated p is also written to s rounded
+// to nearest even, as `cast` rounds, so the next forward pass reads them instead of casting.
 //
 // Nothing is read on the host: a one-thread prologue reads normSq and the state on the device,
 // evaluates the schedule, decides skip / clip and updates the state, leaving the step's scalars in
@@ -76,10 +79,11 @@ struct TensorList {
   const float* g[kGroup];
   float* m[kGroup];
   float* v[kGroup];
+  bf16* s[kGroup];  // the shadow, or null
   int64_t n[kGroup];
   int64_t first_tile[kGroup + 1];  // tensor i owns tiles [first_tile[i], first_tile[i + 1])
   float wd[kGroup];
-  uint8_t vec[kGroup];  // all four pointers 16-byte aligned
+  uint8_t vec[kGroup];  // all four pointers 16-byte aligned (and the shadow 8-byte aligned)
   int count;
 };
 static_assert(sizeof(TensorList) < 32000, "kernel parameters must stay under 32 KB");
@@ -111,6 +115,7 @@ __global__ void __launch_bounds__(kThreads) update(const __grid_constant__ Tenso
     const float* g = L.g[t];
     float* m = L.m[t];
     float* v = L.v[t];
+    bf16* sh = L.s[t];
     const float wd = L.wd[t];
     int64_t scalar_from = start;
     if (L.vec[t]) {
@@ -127,6 +132,13 @@ __global__ void __launch_bounds__(kThreads) update(const __grid_constant__ Tenso
         *reinterpret_cast<float4*>(p + i) = pv;
         *reinterpret_cast<float4*>(m + i) = mv;
         *reinterpret_cast<float4*>(v + i) = vv;
+        if (sh) {
+          const __nv_bfloat162 lo = __floats2bfloat162_rn(pv.x, pv.y), hi = __floats2bfloat162_rn(pv.z, pv.w);
+          uint2 u;
+          u.x = *reinterpret_cast<const uint32_t*>(&lo);
+          u.y = *reinterpret_cast<const uint32_t*>(&hi);
+          *reinterpret_cast<uint2*>(sh + i) = u;
+        }
       }
       scalar_from = vend;
     }
@@ -134,6 +146,7 @@ __global__ void __launch_bounds__(kThreads) update(const __grid_constant__ Tenso
       float pi = p[i], mi = m[i], vi = v[i];
       adam_one(pi, g[i], mi, vi, sp, b1, b2, eps, wd);
       p[i] = pi, m[i] = mi, v[i] = vi;
+      if (sh) sh[i] = __float2bfloat16_rn(pi);
     }
   }
 }
@@ -148,7 +161,13 @@ void adamw(OpCtx& c) {
   sched.kind = static_cast<int>(c.i(7));
   check(sched.kind >= 0 && sched.kind <= 2, "adamw: unknown schedule kind " + std::to_string(sched.kind));
   for (int i = 0; i < 5; ++i) sched.p[i] = c.f(8 + i);
-  check(c.bufs.size() == 2 + 4 * count, "adamw: buffers must be state, normSq, then p, g, m, v per tensor");
+  check(count <= c.bufs.size(), "adamw: buffers must be state, normSq, then p, g, m, v per tensor");
+  // A shadowDtype argument after the per-tensor pairs asks for shadows s_i after the quads.
+  const bool shadows = c.nargs > 13 + 2 * count;
+  check(!shadows || to_dtype(c.f(13 + 2 * count)) == DType::BF16,
+        "adamw: the CUDA backend writes bfloat16 shadows (shadowDtype 2)");
+  check(c.bufs.size() == (shadows ? 2 + 5 * count : 2 + 4 * count),
+        "adamw: buffers must be state, normSq, then p, g, m, v per tensor (then s per tensor with shadowDtype)");
   double* state = c.need(0, 8, 8).as<double>();
   const double* normSq = c.need(1, 1, 8).as<double>();
   // Every buffer is checked before anything is enqueued.
@@ -157,6 +176,7 @@ void adamw(OpCtx& c) {
     ns[i] = static_cast<int64_t>(c.n(13 + 2 * i));
     c.f(14 + 2 * i);
     for (size_t j = 0; j < 4; ++j) c.need(2 + 4 * i + j, static_cast<size_t>(ns[i]), 4);
+    if (shadows) c.need(2 + 4 * count + i, static_cast<size_t>(ns[i]), 2);
   }
   cudaStream_t s = op_stream(c);
   const int dev = op_device(c);
@@ -177,7 +197,11 @@ void adamw(OpCtx& c) {
       L.v[t] = c.bufs[5 + 4 * i].as<float>();
       L.n[t] = ns[i];
       L.wd[t] = static_cast<float>(c.f(14 + 2 * i));
-      L.vec[t] = aligned16(L.p[t], L.g[t], L.m[t], L.v[t]) ? 1 : 0;
+      L.s[t] = shadows ? c.bufs[2 + 4 * count + i].as<bf16>() : nullptr;
+      L.vec[t] = aligned16(L.p[t], L.g[t], L.m[t], L.v[t]) &&
+                         (reinterpret_cast<uintptr_t>(L.s[t]) & 7) == 0
+                     ? 1
+                     : 0;
       L.first_tile[t] = tiles;
       tiles += (ns[i] + kTile - 1) / kTile;
     }
