@@ -26,14 +26,31 @@
 //            accumulateDh): forward and backward at once for an unsplit vocabulary (three
 //     vocabulary-sized GEMMs instead of ce_fwd + ce_bwd's four). The ROWS go by in chunks of R
 //     (chunkRows, or with 0 as many as fit kFusedElems float32 logits, a multiple of 64): cuBLASLt
-//     writes the chunk's whole logit rows [R, V] in float32 to scratch, one block per row takes
+//     writes the chunk's whole logit rows [R, V] in float32 to scratch, then a row kernel takes
 //     max and Σ exp (online, one pass), lse, rowLoss = rowScale·(lse − ℓ_target), and writes
-//     g = gradScale·rowScale·(softmax − onehot) over its own logits (float32: in place; bf16: into
-//     the first half of the row's bytes, so g has leading dimension 2V); then dh_chunk (+)= g·W
-//     (cuBLASLt, C in the compute dtype, rounded once) and dW (+)= gᵀ·h_chunk (float32, beta 0 on
-//     the first chunk). Ignored rows: lse = 0, rowLoss = 0, g = 0.
+//     g = gradScale·rowScale·(softmax − onehot). Ignored rows: lse = 0, rowLoss = 0, g = 0.
+//     Two ways to go on from there:
+//     - whole g (when N·V g values fit kFullGBudget and the scratch can be had): g goes to a
+//       [N, V] buffer in the compute dtype, and after the last chunk dh (+)= g·W and dW = gᵀ·h are
+//       ONE GEMM each (dW written once, float32, beta 0): no float32 dW read and written back per
+//       chunk, no short GEMMs.
+//     - chunked (the fallback, or MAGIX_CE_FUSED=chunked): g replaces the chunk's logits in place
+//       (float32: in place; bf16: into the first half of the row's bytes, so g has leading
+//       dimension 2V), then dh_chunk (+)= g·W (cuBLASLt, C in the compute dtype, rounded once)
+//       and dW (+)= gᵀ·h_chunk (float32, beta 0 on the first chunk).
+//     Op scratch: the whole-g way R·V·4 + N·V·sizeof(T) bytes (4.9 GiB at N = 16384, V = 128256,
+//     bf16), the chunked way R·V·4 (1 GiB there).
+//     The row kernel: for V ≥ kClusterMinV a cluster of kCluster blocks per row, each holding a
+//     slice of the row in shared memory, so the float32 logits are read from memory ONCE (the
+//     slices' (max, Σ exp) are merged through distributed shared memory); else (or with
+//     MAGIX_CE_ROWS=twopass) one block per row, reading the row twice. Both are deterministic.
+#include <cooperative_groups.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "blas.h"
 #include "common.cuh"
@@ -289,10 +306,14 @@ void ce_bwd(OpCtx& c) {
 
 // ---- ce_fused ----
 
-// Float32 logits per chunk when the caller leaves chunkRows to the op: 1 GiB of scratch. Each
-// chunk's dW GEMM reads and writes the whole float32 dW (V·D), so fewer, taller chunks keep that
-// GEMM compute-bound (2048 rows at V = 128256, where 1024 would make it about as memory-bound).
+// Float32 logits per chunk when the caller leaves chunkRows to the op: 1 GiB of scratch. In the
+// chunked way each chunk's dW GEMM reads and writes the whole float32 dW (V·D), so fewer, taller
+// chunks keep that GEMM compute-bound (2048 rows at V = 128256, where 1024 would make it about as
+// memory-bound); in the whole-g way tall chunks keep the logits GEMM's last wave small.
 constexpr int64_t kFusedElems = int64_t{1} << 28;
+// The whole-g way takes at most kFullGBudget bytes of g ([N, V] in the compute dtype: 4.2 GB at
+// N = 16384, V = 128256 in bf16) on top of the logits chunk. Above it the chunked way runs.
+constexpr size_t kFullGBudget = size_t{6} << 30;
 
 // Rows per chunk: chunkRows, or as many as fit kFusedElems (a multiple of 64 when at least 64);
 // at most N, and never more than 2^28 logits (a huge chunkRows is clamped there).
@@ -307,20 +328,27 @@ int64_t fused_rows_per_chunk(int64_t N, int64_t V, int64_t chunkRows) {
   return std::max<int64_t>(1, std::min(R, N));
 }
 
-// One block per row of a chunk (grid-stride): the row's lse and loss, then g over its logits.
-// float32: g in place. bf16: g[j] lands on the row's bytes [2j, 2j + 2), i.e. on float ⌊j/2⌋:
-// the row goes by in tiles, every thread loads its part of a tile, a barrier, then the stores:
-// tile k's stores cover floats below (k + 1)·tile/2, all of them loaded by tile k or before.
+bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, value) == 0;
+}
+
+// One block per row of a chunk (grid-stride): the row's lse and loss, then g over its logits,
+// written to gout + n·ldg. In place (gout = logits): float32 with ldg = V rewrites each logit;
+// bf16 with ldg = 2V puts g[j] on the row's bytes [2j, 2j + 2), i.e. on float ⌊j/2⌋: the row goes
+// by in tiles, every thread loads its part of a tile, a barrier, then the stores: tile k's stores
+// cover floats below (k + 1)·tile/2, all of them loaded by tile k or before. A separate gout
+// takes the same code (the barriers are then merely unneeded).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fused_rows(float* logits, int64_t R, int64_t V, const int32_t* __restrict tg,
-                                                       const float* __restrict rs, float* __restrict lse,
-                                                       float* __restrict loss, float gradScale) {
+__global__ void __launch_bounds__(kThreads) fused_rows(float* logits, int64_t R, int64_t V, T* gout, int64_t ldg,
+                                                       const int32_t* __restrict tg, const float* __restrict rs,
+                                                       float* __restrict lse, float* __restrict loss, float gradScale) {
   __shared__ float sm[32], ss[32];
   __shared__ float sL;
   const bool vec = V % 4 == 0;
   for (int64_t n = blockIdx.x; n < R; n += gridDim.x) {
-    float* row = logits + n * V;
-    T* g = reinterpret_cast<T*>(row);
+    const float* row = logits + n * V;
+    T* g = gout + n * ldg;
     const int64_t t = tg[n];  // the same for the whole block: no divergent barrier
     if (t < 0) {
       for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = from_f<T>(0.f);
@@ -370,10 +398,10 @@ __global__ void __launch_bounds__(kThreads) fused_rows(float* logits, int64_t R,
         for (int64_t j = threadIdx.x * 4; j < V; j += kThreads * 4) {
           float4 v = *reinterpret_cast<const float4*>(row + j);
           v.x = grad(v.x, j), v.y = grad(v.y, j + 1), v.z = grad(v.z, j + 2), v.w = grad(v.w, j + 3);
-          *reinterpret_cast<float4*>(row + j) = v;
+          *reinterpret_cast<float4*>(g + j) = v;
         }
       } else {
-        for (int64_t j = threadIdx.x; j < V; j += kThreads) row[j] = grad(row[j], j);
+        for (int64_t j = threadIdx.x; j < V; j += kThreads) g[j] = grad(row[j], j);
       }
     } else if (vec) {
       for (int64_t base = 0; base < V; base += kThreads * 4) {
@@ -397,6 +425,187 @@ __global__ void __launch_bounds__(kThreads) fused_rows(float* logits, int64_t R,
       }
     }
     __syncthreads();  // sL and the shared partials are rewritten for the next row
+  }
+}
+
+// The row kernel with the row read once: a cluster of kCluster blocks per row (cluster c takes
+// row c), block r holding floats [r·S, r·S + S) of it in shared memory (S a multiple of 4). Each
+// block loads its slice (streaming loads) while folding it into (max, Σ exp), publishes that pair,
+// a cluster barrier, then every block merges the kCluster pairs in rank order (the same lse in
+// each, bit for bit), rank 0 stores lse, the block holding the target stores rowLoss (rank 0 when
+// the target is ≥ V), and each block writes g over its slice from shared memory. In place (bf16,
+// ldg = 2V) block r's stores land on floats below (r + 1)·S/2, in slices of ranks ≤ r, all loaded
+// before the barrier. A last cluster barrier keeps every block's pair alive until all have read it.
+constexpr int kCluster = 8;
+constexpr int kClusterThreads = 512;
+constexpr int kClusterUnroll = 4;
+constexpr int64_t kClusterMinV = 1024;             // below: rows are small, one block each
+constexpr size_t kClusterSmemMax = size_t{200} << 10;  // a slice's bytes at most (V ≲ 409600)
+
+int64_t cluster_slice(int64_t V) { return ((V + kCluster - 1) / kCluster + 3) / 4 * 4; }
+
+template <typename T>
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kClusterThreads)
+    cluster_rows(const float* logits, int64_t V, int64_t S, T* gout, int64_t ldg, const int32_t* __restrict tg,
+                 const float* __restrict rs, float* __restrict lse, float* __restrict loss, float gradScale) {
+  extern __shared__ float4 slice4[];
+  float* slice = reinterpret_cast<float*>(slice4);
+  __shared__ float wm[kClusterThreads / 32], wsum[kClusterThreads / 32];
+  __shared__ float part[2];
+  __shared__ float sL;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t n = blockIdx.x / kCluster;
+  const float* row = logits + n * V;
+  T* g = gout + n * ldg;
+  const int64_t j0 = rank * S < V ? rank * S : V;
+  const int64_t len = V - j0 < S ? V - j0 : S;  // 0 for a rank past the row's end
+  const int64_t t = tg[n];  // the same for the whole cluster: every block skips the barriers together
+  if (t < 0) {
+    for (int64_t k = threadIdx.x; k < len; k += kClusterThreads) g[j0 + k] = from_f<T>(0.f);
+    if (rank == 0 && threadIdx.x == 0) lse[n] = 0.f, loss[n] = 0.f;
+    return;
+  }
+  float mt = -INFINITY, st = 0.f;
+  auto add = [&](float x) {
+    if (x > mt) {
+      st = st * __expf(mt - x) + 1.f;
+      mt = x;
+    } else if (!(x == -INFINITY)) {
+      st += __expf(x - mt);
+    }
+  };
+  const bool vec = V % 4 == 0;  // then j0 and len are multiples of 4 too
+  if (vec) {
+    constexpr int64_t kStep = kClusterThreads * 4;
+    for (int64_t k0 = threadIdx.x * 4; k0 < len; k0 += kStep * kClusterUnroll) {
+      float4 v[kClusterUnroll];
+#pragma unroll
+      for (int u = 0; u < kClusterUnroll; ++u) {
+        const int64_t k = k0 + u * kStep;
+        v[u] = k < len ? __ldcs(reinterpret_cast<const float4*>(row + j0 + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kClusterUnroll; ++u) {
+        const int64_t k = k0 + u * kStep;
+        if (k < len) {
+          *reinterpret_cast<float4*>(slice + k) = v[u];
+          add(v[u].x), add(v[u].y), add(v[u].z), add(v[u].w);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < len; k += kClusterThreads) {
+      const float x = row[j0 + k];
+      slice[k] = x;
+      add(x);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float mo = __shfl_xor_sync(0xffffffffu, mt, o), so = __shfl_xor_sync(0xffffffffu, st, o);
+    merge(mt, st, mo, so);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) wm[warp] = mt, wsum[warp] = st;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float M = wm[0], Sm = wsum[0];
+    for (int w = 1; w < kClusterThreads / 32; ++w) merge(M, Sm, wm[w], wsum[w]);
+    part[0] = M, part[1] = Sm;
+  }
+  cluster.sync();  // every slice loaded, every pair published
+  if (threadIdx.x == 0) {
+    float M = -INFINITY, Sm = 0.f;
+    for (int r = 0; r < kCluster; ++r) {
+      const float* p = cluster.map_shared_rank(part, r);
+      merge(M, Sm, p[0], p[1]);
+    }
+    const float L = M + logf(Sm);
+    sL = L;
+    if (rank == 0) lse[n] = L;
+    const int owner = t < V ? static_cast<int>(t / S) : 0;
+    if (rank == owner) loss[n] = rs[n] * (L - (t < V ? slice[t - j0] : 0.f));
+  }
+  __syncthreads();
+  const float L = sL, scale = gradScale * rs[n];
+  auto grad = [&](float x, int64_t j) { return scale * (__expf(x - L) - (j == t ? 1.f : 0.f)); };
+  if (vec) {
+    for (int64_t k = threadIdx.x * 4; k < len; k += kClusterThreads * 4) {
+      const float4 v = *reinterpret_cast<const float4*>(slice + k);
+      const int64_t j = j0 + k;
+      if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float4*>(g + j) = make_float4(grad(v.x, j), grad(v.y, j + 1), grad(v.z, j + 2), grad(v.w, j + 3));
+      } else {
+        uint2 packed;
+        packed.x = pack_bf16x2(grad(v.x, j), grad(v.y, j + 1));
+        packed.y = pack_bf16x2(grad(v.z, j + 2), grad(v.w, j + 3));
+        *reinterpret_cast<uint2*>(g + j) = packed;  // 8-byte aligned: V % 4 = 0 and j % 4 = 0
+      }
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < len; k += kClusterThreads) g[j0 + k] = from_f<T>(grad(slice[k], j0 + k));
+  }
+  cluster.sync();  // no block leaves (freeing its `part`) while another may still read it
+}
+
+// Whether cluster_rows<T> with `smem` bytes of slice can run on `device` (at least one cluster
+// resident), asked once per device, dtype and size; raises the kernel's shared memory limit.
+template <typename T>
+bool cluster_rows_fit(int device, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<int, size_t>, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(device, smem);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  bool ok = false;
+  if (cudaFuncSetAttribute(cluster_rows<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) ==
+      cudaSuccess) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(kCluster);
+    cfg.blockDim = dim3(kClusterThreads);
+    cfg.dynamicSmemBytes = smem;
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, cluster_rows<T>, &cfg) == cudaSuccess && clusters > 0;
+  }
+  if (!ok) cudaGetLastError();  // a refusal is an answer, not an error to leave behind
+  known.emplace(key, ok);
+  return ok;
+}
+
+// The row kernel over R rows of logits [R, V], g to gout + n·ldg.
+template <typename T>
+void launch_rows(float* logits, int64_t R, int64_t V, T* gout, int64_t ldg, const int32_t* tg, const float* rs,
+                 float* lse, float* loss, float gradScale, int device, cudaStream_t s) {
+  const int64_t S = cluster_slice(V);
+  const size_t smem = static_cast<size_t>(S) * 4;
+  if (V >= kClusterMinV && smem <= kClusterSmemMax && R <= (int64_t{1} << 27) && !env_is("MAGIX_CE_ROWS", "twopass") &&
+      cluster_rows_fit<T>(device, smem)) {
+    cluster_rows<T><<<static_cast<unsigned>(R * kCluster), kClusterThreads, smem, s>>>(logits, V, S, gout, ldg, tg, rs,
+                                                                                       lse, loss, gradScale);
+  } else {
+    fused_rows<T><<<row_blocks(R), kThreads, 0, s>>>(logits, R, V, gout, ldg, tg, rs, lse, loss, gradScale);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+// Op scratch of `bytes` for the whole-g way, or nullptr when the allocator cannot give it (then
+// the chunked way runs; a size that failed on a device is not asked for again, so a step does not
+// empty the allocator's cache each time).
+void* try_scratch(CudaBackend& b, int device, size_t bytes) {
+  static std::atomic<size_t> failed[64];
+  if (device < 64) {
+    const size_t f = failed[device].load();
+    if (f != 0 && bytes >= f) return nullptr;
+  }
+  try {
+    return b.scratch(device, bytes);
+  } catch (const MagixError& e) {
+    if (e.code != "OUT_OF_MEMORY") throw;
+    if (device < 64) failed[device].store(bytes);
+    return nullptr;
   }
 }
 
@@ -429,13 +638,9 @@ void ce_fused(OpCtx& c) {
       if (!accumulate && D > 0) CUDA_CHECK(cudaMemsetAsync(dh, 0, mul(N, D, sizeof(T)), s));
       return;
     }
-    const int64_t R = fused_rows_per_chunk(N, V, chunkRows);
-    float* logits = static_cast<float*>(cuda_backend(c).scratch(dev, mul(R, V, 4)));
-    const T* g = reinterpret_cast<const T*>(logits);
-    const int64_t ldg = kBf16 ? 2 * V : V;  // bf16 g sits in the first half of each float32 row
-    for (int64_t n0 = 0; n0 < N; n0 += R) {
-      const int64_t nr = std::min(R, N - n0);
-      GemmArgs l;  // logits = h_chunk·Wᵀ
+    // logits = h_chunk·Wᵀ (float32) into `logits`
+    auto logits_of = [&](int64_t n0, int64_t nr, float* logits) {
+      GemmArgs l;
       l.M = nr;
       l.N = V;
       l.K = D;
@@ -449,11 +654,10 @@ void ce_fused(OpCtx& c) {
       l.ab = dt;
       l.c = DType::F32;
       gemm(cuda_backend(c), dev, l);
-      fused_rows<T><<<row_blocks(nr), kThreads, 0, s>>>(logits, nr, V, tg + n0, rs + n0, lse + n0, loss + n0,
-                                                        gradScale);
-      CUDA_CHECK_LAUNCH();
-      if (D == 0) continue;  // dh and dW are empty
-      GemmArgs a;  // dh_chunk (+)= g·W
+    };
+    // dh[n0, n0 + nr) (+)= g·W, C in the compute dtype (rounded once)
+    auto dh_of = [&](int64_t n0, int64_t nr, const T* g, int64_t ldg) {
+      GemmArgs a;
       a.M = nr;
       a.N = D;
       a.K = V;
@@ -467,7 +671,10 @@ void ce_fused(OpCtx& c) {
       a.c = dt;
       a.beta = accumulate ? 1.f : 0.f;
       gemm(cuda_backend(c), dev, a);
-      GemmArgs w;  // dW (+)= gᵀ·h_chunk
+    };
+    // dW (+)= gᵀ·h[n0, n0 + nr), float32
+    auto dW_of = [&](int64_t n0, int64_t nr, const T* g, int64_t ldg, float beta) {
+      GemmArgs w;
       w.M = V;
       w.N = D;
       w.K = nr;
@@ -480,8 +687,40 @@ void ce_fused(OpCtx& c) {
       w.ldc = D;
       w.ab = dt;
       w.c = DType::F32;
-      w.beta = n0 == 0 ? 0.f : 1.f;
+      w.beta = beta;
       gemm(cuda_backend(c), dev, w);
+    };
+    // The whole-g way.
+    if (D > 0 && !env_is("MAGIX_CE_FUSED", "chunked") && mul(N, V, sizeof(T)) <= kFullGBudget) {
+      const int64_t R = fused_rows_per_chunk(N, V, chunkRows);
+      ScratchLayout lay;
+      const size_t oLogits = lay.add(mul(R, V, 4));
+      const size_t oG = lay.add(mul(N, V, sizeof(T)));
+      if (char* ws = static_cast<char*>(try_scratch(cuda_backend(c), dev, lay.total))) {
+        float* logits = reinterpret_cast<float*>(ws + oLogits);
+        T* g = reinterpret_cast<T*>(ws + oG);
+        for (int64_t n0 = 0; n0 < N; n0 += R) {
+          const int64_t nr = std::min(R, N - n0);
+          logits_of(n0, nr, logits);
+          launch_rows<T>(logits, nr, V, g + n0 * V, V, tg + n0, rs + n0, lse + n0, loss + n0, gradScale, dev, s);
+        }
+        dh_of(0, N, g, V);
+        dW_of(0, N, g, V, 0.f);
+        return;
+      }
+    }
+    // The chunked way: g in place of each chunk's logits.
+    const int64_t R = fused_rows_per_chunk(N, V, chunkRows);
+    float* logits = static_cast<float*>(cuda_backend(c).scratch(dev, mul(R, V, 4)));
+    T* g = reinterpret_cast<T*>(logits);
+    const int64_t ldg = kBf16 ? 2 * V : V;  // bf16 g sits in the first half of each float32 row
+    for (int64_t n0 = 0; n0 < N; n0 += R) {
+      const int64_t nr = std::min(R, N - n0);
+      logits_of(n0, nr, logits);
+      launch_rows<T>(logits, nr, V, g, ldg, tg + n0, rs + n0, lse + n0, loss + n0, gradScale, dev, s);
+      if (D == 0) continue;  // dh and dW are empty
+      dh_of(n0, nr, g, ldg);
+      dW_of(n0, nr, g, ldg, n0 == 0 ? 0.f : 1.f);
     }
   });
 }
