@@ -372,8 +372,14 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
           1e-5,
           offset,
         ])[3]!
-        for (const acc of [0, 1]) {
+        // accumulateDw alone, then both: dx (+)= must add onto what dx held
+        for (const [acc, accDx] of [
+          [0, 0],
+          [1, 0],
+          [1, 1],
+        ] as const) {
           const init = acc ? rand(D) : undefined
+          const dx0 = accDx ? rand(N * D) : undefined
           compare(
             "rmsnorm_bwd",
             (dt) => ({
@@ -382,10 +388,10 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
                 c(N * D, x),
                 c(D, w),
                 s32(N, dt === 2 ? rstdB : rstd),
-                c(N * D),
+                c(N * D, dx0),
                 s32(D, init),
               ],
-              args: [dt, N, D, offset, acc],
+              args: [dt, N, D, offset, acc, accDx],
             }),
             [4, 5],
             { bf16: 1e-2 },
@@ -489,6 +495,10 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
         { B: 2, T: 150, S: 150, sMax: 150, Hq: 4, Hkv: 2, causal: 1, window: 0, qOffset: 0, mask: false },
       ],
       [
+        "not causal, S = T (cuDNN takes it)",
+        { B: 2, T: 100, S: 100, sMax: 100, Hq: 4, Hkv: 2, causal: 0, window: 0, qOffset: 0, mask: false },
+      ],
+      [
         "sliding window",
         { B: 2, T: 150, S: 150, sMax: 150, Hq: 4, Hkv: 1, causal: 1, window: 37, qOffset: 0, mask: false },
       ],
@@ -509,7 +519,9 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
         { B: 1, T: 40, S: 40, sMax: 40, Hq: 2, Hkv: 1, causal: 1, window: 3, qOffset: 0, mask: true },
       ],
     ]
-    const attention = (hd: number, k: Case, reference: boolean) => {
+    // path: unset takes cuDNN where it applies (bf16, no window/mask/offset), our kernels elsewhere;
+    // "flash" our kernels only; "reference" the float32 path for bf16 too.
+    const attention = (hd: number, k: Case, path?: "flash" | "reference") => {
       const qn = k.B * k.T * k.Hq * hd
       const kn = k.B * k.sMax * k.Hkv * hd
       const q = rand(qn)
@@ -543,7 +555,7 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
           for (let i = 0; i < k.S * k.Hkv * hd; i++) out.push(a[b * k.sMax * k.Hkv * hd + i]!)
         return out
       }
-      if (reference) process.env.MAGIX_ATTENTION = "reference"
+      if (path) process.env.MAGIX_ATTENTION = path
       try {
         compare(
           "attention_fwd",
@@ -583,12 +595,15 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
           expectClose(firstS(got[8]!), firstS(ref[8]!), tol, `attention_bwd dv hd ${hd} dtype ${dt}`)
         }
       } finally {
-        if (reference) delete process.env.MAGIX_ATTENTION
+        if (path) delete process.env.MAGIX_ATTENTION
       }
     }
     for (const hd of [64, 128, 16])
-      for (const [name, k] of cases) it(`head size ${hd}: ${name}`, () => attention(hd, k, false))
-    it("the reference path agrees too (bf16 through it)", () => attention(64, cases[0]![1], true))
+      for (const [name, k] of cases) it(`head size ${hd}: ${name}`, () => attention(hd, k))
+    for (const hd of [64, 128])
+      for (const [name, k] of cases)
+        it(`our flash kernels, head size ${hd}: ${name}`, () => attention(hd, k, "flash"))
+    it("the reference path agrees too (bf16 through it)", () => attention(64, cases[0]![1], "reference"))
 
     it("fully masked rows give o = 0, lse = −∞ and no gradient", () => {
       const [B, T, Hq, hd] = [1, 64, 2, 64]
@@ -691,43 +706,68 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
   })
 
   it("ce_fused: rows in chunks (automatic, several, one), ignored targets, both row-kernel paths, dh accumulated", () => {
-    // V % 4 = 0 takes the float4 row kernel, V odd the scalar one; both span several bf16 tiles.
+    // V % 4 = 0 takes the float4 row kernels, V odd the scalar ones; both span several bf16 tiles
+    // and all 8 slices of the cluster row kernel. Each way of the op runs: whole g (one dh and one
+    // dW product) or chunked (MAGIX_CE_FUSED=chunked), each with the cluster row kernel or the
+    // one-block-per-row one (MAGIX_CE_ROWS=twopass).
+    const ways: Record<string, string>[] = [
+      {},
+      { MAGIX_CE_ROWS: "twopass" },
+      { MAGIX_CE_FUSED: "chunked" },
+      { MAGIX_CE_FUSED: "chunked", MAGIX_CE_ROWS: "twopass" },
+    ]
+    const within = <R>(env: Record<string, string>, f: () => R): R => {
+      Object.assign(process.env, env)
+      try {
+        return f()
+      } finally {
+        for (const k of Object.keys(env)) delete process.env[k]
+      }
+    }
     for (const V of [3000, 2999]) {
       const [N, D] = [150, 64]
       const h = rand(N * D)
       const W = rand(V * D, 0.5)
       const tg = Int32Array.from(randInt(N, 0, V), (t, i) => (i % 11 === 0 ? -100 : t))
       const rs = Float32Array.from({ length: N }, () => 0.5 + uniform())
-      for (const rows of [0, 64, 1]) {
-        for (const acc of [0, 1]) {
-          const init = acc ? rand(N * D) : undefined
-          compare(
+      for (const way of ways)
+        within(way, () => {
+          for (const rows of [0, 64, 1]) {
+            for (const acc of [0, 1]) {
+              const init = acc ? rand(N * D) : undefined
+              compare(
+                "ce_fused",
+                (dt) => ({
+                  bufs: [
+                    c(N * D, h),
+                    c(V * D, W),
+                    i32(tg),
+                    s32(N, rs),
+                    s32(N),
+                    s32(N),
+                    c(N * D, init),
+                    s32(V * D),
+                  ],
+                  args: [dt, N, D, V, rows, 0.7, acc],
+                }),
+                [4, 5, 6, 7],
+                { bf16: 1e-2 },
+              )
+            }
+          }
+        })
+      // The same numbers as the vocabulary-chunked ops on the GPU (float32), every way.
+      const fusedWays = ways.map((way) =>
+        within(way, () =>
+          run(
+            cuda,
             "ce_fused",
-            (dt) => ({
-              bufs: [
-                c(N * D, h),
-                c(V * D, W),
-                i32(tg),
-                s32(N, rs),
-                s32(N),
-                s32(N),
-                c(N * D, init),
-                s32(V * D),
-              ],
-              args: [dt, N, D, V, rows, 0.7, acc],
-            }),
-            [4, 5, 6, 7],
-            { bf16: 1e-2 },
-          )
-        }
-      }
-      // The same numbers as the vocabulary-chunked ops on the GPU (float32).
-      const fused = run(
-        cuda,
-        "ce_fused",
-        [c(N * D, h), c(V * D, W), i32(tg), s32(N, rs), s32(N), s32(N), c(N * D), s32(V * D)],
-        [0, N, D, V, 0, 0.7, 0],
+            [c(N * D, h), c(V * D, W), i32(tg), s32(N, rs), s32(N), s32(N), c(N * D), s32(V * D)],
+            [0, N, D, V, 0, 0.7, 0],
+          ),
+        ),
       )
+      const fused = fusedWays[0]!
       const fwd = run(
         cuda,
         "ce_fwd",
@@ -751,6 +791,9 @@ describe.skipIf(gpus === 0)("CUDA ops equal the CPU backend's", () => {
       expectClose(fused[5]!, loss, 1e-5, `ce_fused rowLoss V ${V}`)
       expectClose(fused[6]!, bwd[5]!, 1e-5, `ce_fused dh V ${V}`)
       expectClose(fused[7]!, bwd[6]!, 1e-5, `ce_fused dW V ${V}`)
+      for (const [w, other] of fusedWays.entries())
+        for (const i of [4, 5, 6, 7])
+          expectClose(other[i]!, fused[i]!, 1e-5, `ce_fused way ${w} buffer ${i} V ${V}`)
     }
   })
 

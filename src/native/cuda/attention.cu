@@ -41,11 +41,16 @@
 //   or key row (dk, dv), each lane holding hd/32 dimensions, keys streamed with an online softmax;
 //   simple, exact float32 arithmetic, no atomics. MAGIX_ATTENTION=reference in the environment
 //   sends bfloat16 through this path too (for checking the fast one).
+// By default bfloat16 without window, key mask or offset and with S = T = sMax goes to cuDNN 9's
+// fused attention (cudnn.h; same lse, so either backward follows either forward) where cuDNN is
+// found and takes the shape: it runs about 2x these kernels on an H200 (bench/NOTES.md). Everything
+// else stays here; MAGIX_ATTENTION=flash keeps everything here.
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "common.cuh"
+#include "cudnn.h"
 #include "flash_mma.cuh"
 
 namespace magix::cuda {
@@ -331,6 +336,29 @@ int bwd_keys_forced() {
   return v;
 }
 
+// cuDNN's fused attention (cudnn.h) for bfloat16 where its scope allows (no window, key mask or
+// offset; S = T = sMax; 16-byte aligned); elsewhere, or where cuDNN is missing or refuses the
+// shape, the kernels below, silently. The workspace is this op's scratch. MAGIX_ATTENTION=flash
+// or =reference turns it off (to time or check our kernels); unset or =cudnn leaves it on.
+// Read at every call, like reference_forced(), so a test can switch paths within one process.
+bool cudnn_requested() {
+  const char* e = std::getenv("MAGIX_ATTENTION");
+  return !e || *e == 0 || std::strcmp(e, "cudnn") == 0;
+}
+
+bool try_cudnn(OpCtx& c, const Params& p, bool bwd, int dev, cudaStream_t s) {
+  if (!cudnn_requested() || p.mask || p.window != 0 || p.qOffset != 0 || p.S != p.T || p.sMax != p.T) return false;
+  if (!aligned16(p.q, p.k, p.v) || !(bwd ? aligned16(p.o, p.dO, p.dq, p.dk, p.dv) : aligned16(p.out))) return false;
+  cudnn::SdpaShape sh;
+  sh.B = p.B, sh.T = p.T, sh.Hq = p.Hq, sh.Hkv = p.Hkv, sh.hd = p.hd, sh.causal = p.causal != 0, sh.scale = p.scale;
+  size_t bytes = 0;
+  if (!(bwd ? cudnn::sdpa_bwd_ready(sh, dev, s, bytes) : cudnn::sdpa_fwd_ready(sh, dev, s, bytes))) return false;
+  void* ws = bytes ? cuda_backend(c).scratch(dev, bytes) : nullptr;
+  if (bwd) cudnn::sdpa_bwd(sh, dev, p.q, p.k, p.v, p.o, p.lse, p.dO, p.dq, p.dk, p.dv, ws, s);
+  else cudnn::sdpa_fwd(sh, dev, p.q, p.k, p.v, p.out, p.lse, ws, s);
+  return true;
+}
+
 void check_grid(OpCtx& c, int64_t blocks) { check(blocks < 0x7fffffff, c.name + ": problem too large for one launch"); }
 
 void attention_fwd(OpCtx& c) {
@@ -346,6 +374,7 @@ void attention_fwd(OpCtx& c) {
     p.out = c.need(3, qn, sizeof(T)).ptr;
     p.lse = c.need(4, mul(p.B, p.Hq, p.T), 4).as<float>();  // stats: float32
     if (p.B * p.Hq * p.T == 0) return;
+    if (sizeof(T) == 2 && try_cudnn(c, p, false, dev, s)) return;
     const bool fast = sizeof(T) == 2 && (p.hd == 64 || p.hd == 128) && !reference_forced() && aligned16(p.q, p.k, p.v, p.out);
     if (fast) {
       check_grid(c, (p.T + 63) / 64 * p.B * p.Hq);  // blocks of 64 or 128 queries
@@ -389,6 +418,7 @@ void attention_bwd(OpCtx& c) {
       }
       return;
     }
+    if (sizeof(T) == 2 && try_cudnn(c, p, true, dev, s)) return;
     ScratchLayout lay;
     const size_t oD = lay.add(rows * 4);
     const size_t oAcc = fast ? lay.add(mul(qn, 4)) : 0;
