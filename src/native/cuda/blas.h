@@ -23,8 +23,12 @@ struct GemmArgs {
   DType c = DType::F32;   // dtype of C
 };
 
-// Enqueues the product on `device`'s stream (no host synchronisation). The caller has checked
-// the bounds. K = 0 scales C by beta; a strideC of 0 with batch > 1 runs the batch in order.
+// Enqueues the product on `device`'s stream. The caller has checked the bounds. K = 0 scales C
+// by beta; a strideC of 0 with batch > 1 runs the batch in order. No host synchronisation, except
+// on the first call of a large product's plan outside a graph capture, which times cuBLASLt's
+// candidate algorithms on A and B (synchronising the stream) before it runs the pick into C once
+// (matmul.cu: autotuning; MAGIX_MATMUL_TUNE=0 turns it off). That timing writes a temporary of
+// C's extent, never C and never the op scratch, so callers inside another op may hold the scratch.
 void gemm(CudaBackend& backend, int device, const GemmArgs& g);
 
 }  // namespace magix::cuda

@@ -46,6 +46,7 @@ const CublasLt& cublaslt() {
     ok &= sym(h, "cublasLtMatmulPreferenceSetAttribute", l.MatmulPreferenceSetAttribute, l.error);
     ok &= sym(h, "cublasLtMatmulAlgoGetHeuristic", l.MatmulAlgoGetHeuristic, l.error);
     ok &= sym(h, "cublasLtMatmul", l.Matmul, l.error);
+    sym(h, "cublasLtMatmulAlgoConfigGetAttribute", l.MatmulAlgoConfigGetAttribute, l.error);
     sym(h, "cublasLtGetStatusName", l.GetStatusName, l.error);
     sym(h, "cublasLtGetStatusString", l.GetStatusString, l.error);
     l.loaded = ok;

@@ -30,6 +30,11 @@ constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5;  // uint32_t, defa
 constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6;
 constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7;
 constexpr int CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8;
+// cublasLt.h, cublasLtMatmulAlgoConfigAttributes_t (read for matmul.cu's tuning log)
+constexpr int CUBLASLT_ALGO_CONFIG_ID = 0;                // int32_t
+constexpr int CUBLASLT_ALGO_CONFIG_TILE_ID = 1;           // uint32_t
+constexpr int CUBLASLT_ALGO_CONFIG_SPLITK_NUM = 2;        // uint32_t
+constexpr int CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME = 3;  // uint32_t, cublasLtReductionScheme_t
 // cublas_api.h, cublasStatus_t
 constexpr int CUBLAS_STATUS_NOT_SUPPORTED = 15;
 
@@ -71,6 +76,9 @@ struct CublasLt {
                            const void* C, cublasLtMatrixLayout_t Cdesc, void* D, cublasLtMatrixLayout_t Ddesc,
                            const cublasLtMatmulAlgo_t* algo, void* workspace, size_t workspaceSize,
                            cudaStream_t stream) = nullptr;
+  // Optional (loading does not need it): only matmul.cu's tuning log reads an algorithm's config.
+  cublasStatus_t (*MatmulAlgoConfigGetAttribute)(const cublasLtMatmulAlgo_t* algo, int attr, void* buf, size_t size,
+                                                 size_t* written) = nullptr;
   const char* (*GetStatusName)(cublasStatus_t) = nullptr;
   const char* (*GetStatusString)(cublasStatus_t) = nullptr;
 };

@@ -10,11 +10,55 @@
 // Cᵀ = op(B)ᵀ·op(A)ᵀ: the operands swapped, each keeping its own transpose flag.
 // Types: bf16 A and B with float32 compute (CUBLAS_COMPUTE_32F) and C in bf16, or in float32
 // when cdtype is 0 (weight gradients); float32 A, B and C with exact float32 compute (no TF32).
-// The descriptors and the heuristic's algorithm are cached per shape, dtypes and pointer
-// alignment (cuBLASLt kernels may need 16-byte aligned operands; offsets can break that).
+// The descriptors and the chosen algorithm are cached per shape, dtypes, pointer alignment
+// (cuBLASLt kernels may need 16-byte aligned operands; offsets can break that) and whether beta
+// is 0 (an algorithm that reads C can rank differently from one that does not).
+//
+// Autotuning (on a plan-cache miss): cuBLASLt's heuristic ranks algorithms by a model, and its
+// first pick measured 45–82% of the bf16 ceiling on the Llama-3.2-1B step's thinner products
+// (16384×2048×512, 512×2048×16384 Aᵀ, 16384×2048×2048 Bᵀ) where a lower-ranked one may do better.
+// A miss asks for up to kTuneCandidates results, keeps those with a success state and a workspace
+// within ours, and times each on the call's own A and B with CUDA events on the op's stream: one
+// untimed warm-up, one timed run that sizes the batch of runs (about kTuneWindowUs of work, 2 to
+// 32 runs), then two interleaved rounds of that batch; a candidate's time is its better round's
+// mean. The pick is the first candidate in heuristic order within 1% of the fastest, so noise
+// does not move it off the heuristic's choice for nothing. The timed runs write a temporary
+// output of C's extent (zeroed; alpha and beta as the call's, C = D as in the real call), never
+// C itself: with beta ≠ 0 C must take the product exactly once, which the real launch after the
+// tuning does. The temporary is cudaMalloc'd and freed around the tuning, outside the caching
+// allocator: gemm() also runs inside other ops (ce_fwd, ce_bwd, ce_fused in cross_entropy.cu)
+// whose op scratch holds live data (the logits chunk is the very C being tuned), and the op
+// scratch is grow-only, so borrowing it would pin C's size (4 GiB for a 16384×128256 bf16 product)
+// for the process. Where cudaMalloc fails (memory held by the cache), the plan keeps the
+// heuristic's first result. Tuning synchronises the stream (cudaEventSynchronize) once per new
+// plan; it runs only where that is allowed and pays:
+//   - never while the stream (or the backend) is capturing a graph: such a miss caches the
+//     heuristic's first result for good, so within a process one plan always runs one algorithm
+//     and a graph's replay matches the same product run op by op (jit replays op by op before it
+//     captures, so a step's plans are tuned by then);
+//   - not for small products (batch·M·N·K < kTuneMinWork), where the timing cannot pay back;
+//   - not with MAGIX_MATMUL_TUNE=0 (the heuristic's first result, as before tuning existed).
+// MAGIX_MATMUL_TUNE_LOG=1 prints each tuning's candidates and pick to stderr.
+// Determinism: every candidate is kept, split-K ones included. cuBLAS documents its routines as
+// bit-wise reproducible run to run on the same architecture and SM count (cuBLAS guide, "Results
+// reproducibility"; the multi-stream caveat there is lifted by cublasLtMatmul with a user-owned
+// workspace, which we pass; the exception named there is cublasSetAtomicsMode's atomics, a
+// cuBLAS handle setting we do not use); and cublasLt.h's cublasLtReductionScheme_t, which
+// describes how split-K parts are summed, has no unordered scheme: INPLACE reduces in the output
+// "using ... counters (in workspace) to guarantee the sequentiality", COMPUTE_TYPE and
+// OUTPUT_TYPE store the parts in the workspace and reduce them in a separate step. Excluding
+// split-K would give up the algorithms that help the thin-output, long-K products most (weight
+// gradients such as 512×2048×16384) for no determinism gained. So a cached plan gives the same
+// bits every call. What can differ between processes (or between the GPUs of one process, each
+// tuning its own plans) is the pick itself, through timing noise, and with it the rounding;
+// MAGIX_MATMUL_TUNE=0 gives the heuristic's choice, which depends only on the library, the GPU
+// and the shape.
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "blas.h"
 #include "common.cuh"
@@ -57,17 +101,21 @@ struct Plan {
 std::mutex g_mu;
 std::unordered_map<PlanKey, Plan, PlanKeyHash> g_plans;
 
-// Destroys what a half-built plan holds when building it fails.
+void destroy_plan(Plan& p) {
+  const CublasLt& L = cublaslt();
+  if (p.desc) L.MatmulDescDestroy(p.desc);
+  if (p.x) L.MatrixLayoutDestroy(p.x);
+  if (p.y) L.MatrixLayoutDestroy(p.y);
+  if (p.d) L.MatrixLayoutDestroy(p.d);
+  p = Plan{};
+}
+
+// Destroys what a half-built plan holds when building (or tuning) it fails.
 struct PlanGuard {
   Plan& p;
   bool keep = false;
   ~PlanGuard() {
-    if (keep) return;
-    const CublasLt& L = cublaslt();
-    if (p.desc) L.MatmulDescDestroy(p.desc);
-    if (p.x) L.MatrixLayoutDestroy(p.x);
-    if (p.y) L.MatrixLayoutDestroy(p.y);
-    if (p.d) L.MatrixLayoutDestroy(p.d);
+    if (!keep) destroy_plan(p);
   }
 };
 
@@ -87,7 +135,11 @@ cublasLtMatrixLayout_t layout(int type, int64_t rows, int64_t cols, int64_t ld, 
   return l;
 }
 
-Plan make_plan(cublasLtHandle_t handle, const GemmArgs& g, uint32_t alA, uint32_t alB, uint32_t alC) {
+// Builds the descriptors and asks the heuristic for up to `want` algorithms; `cands` gets those
+// that can run here (success state, workspace within ours), best-ranked first, and the plan
+// starts with the first of them.
+Plan make_plan(cublasLtHandle_t handle, const GemmArgs& g, uint32_t alA, uint32_t alB, uint32_t alC, int want,
+               std::vector<cublasLtMatmulHeuristicResult_t>& cands) {
   const CublasLt& L = cublaslt();
   const int abType = cuda_type(g.ab), cType = cuda_type(g.c);
   Plan plan;
@@ -110,12 +162,17 @@ Plan make_plan(cublasLtHandle_t handle, const GemmArgs& g, uint32_t alA, uint32_
   if (st == 0) st = L.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alA, sizeof(alA));
   if (st == 0) st = L.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alC, sizeof(alC));
   if (st == 0) st = L.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &alC, sizeof(alC));
-  cublasLtMatmulHeuristicResult_t result{};
+  std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(std::max(want, 1)));
   int found = 0;
-  if (st == 0) st = L.MatmulAlgoGetHeuristic(handle, plan.desc, plan.x, plan.y, plan.d, plan.d, pref, 1, &result, &found);
+  if (st == 0)
+    st = L.MatmulAlgoGetHeuristic(handle, plan.desc, plan.x, plan.y, plan.d, plan.d, pref, static_cast<int>(results.size()),
+                                  results.data(), &found);
   L.MatmulPreferenceDestroy(pref);
   CUBLAS_CHECK(st);
-  if (found == 0)
+  cands.clear();
+  for (int i = 0; i < found && i < static_cast<int>(results.size()); ++i)
+    if (results[i].state == 0 && results[i].workspaceSize <= CudaBackend::kLtWorkspace) cands.push_back(results[i]);
+  if (cands.empty())
     throw MagixError("CUBLAS_ERROR", "cuBLASLt has no algorithm for matmul batch " + std::to_string(g.batch) + ", M " +
                                          std::to_string(g.M) + ", N " + std::to_string(g.N) + ", K " + std::to_string(g.K) +
                                          " (lda " + std::to_string(g.lda) + ", ldb " + std::to_string(g.ldb) + ", ldc " +
@@ -123,10 +180,154 @@ Plan make_plan(cublasLtHandle_t handle, const GemmArgs& g, uint32_t alA, uint32_
         .with("library", "cublasLt")
         .with("status", CUBLAS_STATUS_NOT_SUPPORTED)
         .with("name", "CUBLAS_STATUS_NOT_SUPPORTED");
-  plan.algo = result.algo;
-  plan.workspace = result.workspaceSize;
+  plan.algo = cands[0].algo;
+  plan.workspace = cands[0].workspaceSize;
   guard.keep = true;
   return plan;
+}
+
+// ---- autotuning (see the top of the file) ----
+constexpr int kTuneCandidates = 16;
+constexpr double kTuneMinWork = 1073741824.0;  // 2^30 multiply-adds: below, the heuristic's first
+constexpr float kTuneWindowUs = 300.f;         // work per timed batch of runs
+constexpr int kTuneMinRuns = 2, kTuneMaxRuns = 32;
+constexpr float kTuneTolerance = 1.01f;  // a later-ranked candidate must beat the earlier by more
+
+bool env_off(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, "0") == 0;
+}
+bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && *e != 0 && std::strcmp(e, "0") != 0;
+}
+
+// Why a miss takes the heuristic's first result untimed, or nullptr when it tunes.
+const char* skip_tuning(CudaBackend& backend, const GemmArgs& g, cudaStream_t stream) {
+  if (env_off("MAGIX_MATMUL_TUNE")) return "MAGIX_MATMUL_TUNE=0";
+  if (static_cast<double>(g.batch) * static_cast<double>(g.M) * static_cast<double>(g.N) * static_cast<double>(g.K) <
+      kTuneMinWork)
+    return "small";
+  if (backend.capturing()) return "capturing";
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
+  if (cs != cudaStreamCaptureStatusNone) return "capturing";
+  return nullptr;
+}
+
+// The temporary output and the two timing events of one tuning; the destructor waits for the
+// stream before freeing (also when a check throws part-way).
+struct TuneScratch {
+  cudaStream_t stream;
+  void* out = nullptr;
+  cudaEvent_t ev[2] = {nullptr, nullptr};
+  ~TuneScratch() {
+    if (out) {
+      cudaStreamSynchronize(stream);
+      cudaFree(out);
+    }
+    for (cudaEvent_t e : ev)
+      if (e) cudaEventDestroy(e);
+  }
+};
+
+// Times the candidates as described at the top; `us` gets each one's microseconds per run (-1
+// for one whose launch failed). Returns the index to use, or -1 when the timing could not run
+// (no memory for the temporary output).
+int autotune(cublasLtHandle_t handle, const Plan& plan, const GemmArgs& g, cudaStream_t stream, void* ws,
+             const std::vector<cublasLtMatmulHeuristicResult_t>& cands, std::vector<float>& us) {
+  const CublasLt& L = cublaslt();
+  const size_t elems = static_cast<size_t>((g.batch - 1) * g.strideC + (g.M - 1) * g.ldc + g.N);
+  const size_t bytes = elems * dtype_size(g.c);
+  TuneScratch t{stream};
+  if (cudaMalloc(&t.out, bytes) != cudaSuccess) {
+    t.out = nullptr;
+    cudaGetLastError();  // an allocation failure is not sticky: clear it
+    return -1;
+  }
+  CUDA_CHECK(cudaEventCreate(&t.ev[0]));
+  CUDA_CHECK(cudaEventCreate(&t.ev[1]));
+  CUDA_CHECK(cudaMemsetAsync(t.out, 0, bytes, stream));
+  const size_t n = cands.size();
+  std::vector<bool> alive(n, true);
+  std::vector<int> runs(n, kTuneMinRuns);
+  us.assign(n, -1.f);
+  auto launch = [&](size_t i) {
+    return L.Matmul(handle, plan.desc, &g.alpha, g.B, plan.x, g.A, plan.y, &g.beta, t.out, plan.d, t.out, plan.d,
+                    &cands[i].algo, ws, cands[i].workspaceSize, stream);
+  };
+  // Microseconds per run over `count` runs of candidate i, or -1 if a launch fails.
+  auto timed = [&](size_t i, int count) {
+    bool ok = true;
+    CUDA_CHECK(cudaEventRecord(t.ev[0], stream));
+    for (int r = 0; r < count && ok; ++r) ok = launch(i) == 0;
+    CUDA_CHECK(cudaEventRecord(t.ev[1], stream));
+    CUDA_CHECK(cudaEventSynchronize(t.ev[1]));
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, t.ev[0], t.ev[1]));
+    return ok ? 1000.f * ms / static_cast<float>(count) : -1.f;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    if (launch(i) != 0) {  // warm-up (the first launch of a kernel may load its module)
+      alive[i] = false;
+      continue;
+    }
+    const float once = timed(i, 1);
+    if (once < 0.f) {
+      alive[i] = false;
+      continue;
+    }
+    runs[i] = static_cast<int>(std::min<float>(kTuneMaxRuns, std::max<float>(kTuneMinRuns, kTuneWindowUs / std::max(once, 1.f))));
+  }
+  for (int round = 0; round < 2; ++round)
+    for (size_t i = 0; i < n; ++i) {
+      if (!alive[i]) continue;
+      const float u = timed(i, runs[i]);
+      if (u < 0.f) {
+        alive[i] = false;
+        us[i] = -1.f;
+      } else if (us[i] < 0.f || u < us[i]) {
+        us[i] = u;
+      }
+    }
+  float best = -1.f;
+  for (size_t i = 0; i < n; ++i)
+    if (alive[i] && (best < 0.f || us[i] < best)) best = us[i];
+  if (best < 0.f) return 0;  // nothing ran: keep the heuristic's first (its own launch reports why)
+  for (size_t i = 0; i < n; ++i)
+    if (alive[i] && us[i] <= best * kTuneTolerance) return static_cast<int>(i);
+  return 0;
+}
+
+const char* dtype_name(DType t) { return t == DType::BF16 ? "bf16" : "f32"; }
+
+void log_tuning(int device, const GemmArgs& g, const std::vector<cublasLtMatmulHeuristicResult_t>& cands,
+                const std::vector<float>& us, int pick, const char* skipped) {
+  std::fprintf(stderr, "magix matmul tune: device %d batch %lld M %lld N %lld K %lld transA %d transB %d %s->%s beta %g: ",
+               device, static_cast<long long>(g.batch), static_cast<long long>(g.M), static_cast<long long>(g.N),
+               static_cast<long long>(g.K), g.transA ? 1 : 0, g.transB ? 1 : 0, dtype_name(g.ab), dtype_name(g.c),
+               static_cast<double>(g.beta));
+  if (skipped) {
+    std::fprintf(stderr, "heuristic's first (%s)\n", skipped);
+    return;
+  }
+  const double flops = 2.0 * static_cast<double>(g.batch) * static_cast<double>(g.M) * static_cast<double>(g.N) *
+                       static_cast<double>(g.K);
+  uint32_t splitk = 0, scheme = 0;
+  int32_t id = -1;
+  const CublasLt& L = cublaslt();
+  if (L.MatmulAlgoConfigGetAttribute) {
+    size_t w = 0;
+    L.MatmulAlgoConfigGetAttribute(&cands[pick].algo, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof(id), &w);
+    L.MatmulAlgoConfigGetAttribute(&cands[pick].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof(splitk), &w);
+    L.MatmulAlgoConfigGetAttribute(&cands[pick].algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme), &w);
+  }
+  const auto tflops = [&](float u) { return u > 0.f ? flops / (static_cast<double>(u) * 1e-6) / 1e12 : 0.0; };
+  std::fprintf(stderr, "%zu candidates, heuristic's first %.1f us (%.0f TFLOP/s), picked #%d %.1f us (%.0f TFLOP/s, algo %d, split-K %u, reduction %u); all us:",
+               cands.size(), static_cast<double>(us[0]), tflops(us[0]), pick, static_cast<double>(us[pick]),
+               tflops(us[pick]), id, splitk, scheme);
+  for (float u : us) std::fprintf(stderr, " %.1f", static_cast<double>(u));
+  std::fprintf(stderr, "\n");
 }
 
 // C = beta·C (K = 0): beta = 0 writes zeros without reading C.
@@ -171,20 +372,44 @@ void gemm(CudaBackend& backend, int device, const GemmArgs& g) {
   const CublasLt& L = cublaslt();
   cublasLtHandle_t handle = backend.lt(device);
   const uint32_t alA = alignment(g.A), alB = alignment(g.B), alC = alignment(g.C);
-  PlanKey key{{device, g.batch, g.M, g.N, g.K, (g.transA ? 1 : 0) | (g.transB ? 2 : 0), g.lda, g.ldb, g.ldc, g.strideA,
-               g.strideB, g.strideC, static_cast<int64_t>(g.ab) * 16 + static_cast<int64_t>(g.c), alA, alB, alC}};
+  PlanKey key{{device, g.batch, g.M, g.N, g.K, (g.transA ? 1 : 0) | (g.transB ? 2 : 0) | (g.beta != 0.f ? 4 : 0), g.lda,
+               g.ldb, g.ldc, g.strideA, g.strideB, g.strideC, static_cast<int64_t>(g.ab) * 16 + static_cast<int64_t>(g.c),
+               alA, alB, alC}};
   Plan plan;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     auto it = g_plans.find(key);
     if (it != g_plans.end()) plan = it->second;
   }
-  if (!plan.desc) {
-    plan = make_plan(handle, g, alA, alB, alC);
-    std::lock_guard<std::mutex> lock(g_mu);
-    g_plans.emplace(key, plan);
-  }
   void* ws = backend.lt_workspace(device);
+  if (!plan.desc) {
+    const char* skipped = skip_tuning(backend, g, stream);
+    std::vector<cublasLtMatmulHeuristicResult_t> cands;
+    plan = make_plan(handle, g, alA, alB, alC, skipped ? 1 : kTuneCandidates, cands);
+    {
+      PlanGuard guard{plan};
+      if (!skipped && cands.size() < 2) skipped = "one candidate";
+      std::vector<float> us;
+      int pick = 0;
+      if (!skipped) {
+        pick = autotune(handle, plan, g, stream, ws, cands, us);
+        if (pick < 0) {
+          skipped = "no memory for the timing output";
+          pick = 0;
+        }
+      }
+      plan.algo = cands[pick].algo;
+      plan.workspace = cands[pick].workspaceSize;
+      if (env_on("MAGIX_MATMUL_TUNE_LOG")) log_tuning(device, g, cands, us, pick, skipped);
+      guard.keep = true;
+    }
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto [it, inserted] = g_plans.emplace(key, plan);
+    if (!inserted) {  // another thread made this plan meanwhile: use its, drop ours
+      destroy_plan(plan);
+      plan = it->second;
+    }
+  }
   CUBLAS_CHECK(L.Matmul(handle, plan.desc, &g.alpha, g.B, plan.x, g.A, plan.y, &g.beta, g.C, plan.d, g.C, plan.d, &plan.algo,
                         ws, plan.workspace, stream));
 }
