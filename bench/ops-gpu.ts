@@ -17,7 +17,7 @@ import { BF16, F32, openGpu, timeAttention } from "./gpuOps.ts"
 import { printTable, writeResult } from "./report.ts"
 
 const g = openGpu()
-const { gpu, probe, exec, randomBuffer, emptyBuffer, reps, time } = g
+const { gpu, probe, exec, randomBuffer, emptyBuffer, reps, time, timeQueued } = g
 const be = g.be
 
 interface Row {
@@ -26,12 +26,38 @@ interface Row {
   ms: number
   "TFLOP/s": number
   spread: number
+  /** Matmuls: also timed ten calls queued back to back (per call), as in a graph replay. */
+  "queued ms"?: number
+  "queued TFLOP/s"?: number
+  /** Of the issue's measured bf16 ceiling, 786 TFLOP/s (queued where measured). */
+  "% of 786"?: number
 }
+const CEILING = 786
 const rows: Row[] = []
-const report = (op: string, shape: string, flops: number, t: { ms: number; spread: number }) => {
-  rows.push({ op, shape, ms: t.ms, "TFLOP/s": flops / (t.ms / 1000) / 1e12, spread: t.spread })
-  console.error(`${op} ${shape}: ${t.ms.toFixed(3)} ms, ${(flops / (t.ms / 1000) / 1e12).toFixed(1)} TFLOP/s`)
+type T = { ms: number; spread: number }
+const report = (op: string, shape: string, flops: number, t: T, queued?: T) => {
+  const tf = (ms: number) => flops / (ms / 1000) / 1e12
+  rows.push({
+    op,
+    shape,
+    ms: t.ms,
+    "TFLOP/s": tf(t.ms),
+    spread: t.spread,
+    ...(queued
+      ? {
+          "queued ms": queued.ms,
+          "queued TFLOP/s": tf(queued.ms),
+          "% of 786": (100 * tf(queued.ms)) / CEILING,
+        }
+      : {}),
+  })
+  console.error(
+    `${op} ${shape}: ${t.ms.toFixed(3)} ms, ${tf(t.ms).toFixed(1)} TFLOP/s${queued ? `; queued ${tf(queued.ms).toFixed(1)} TFLOP/s` : ""}`,
+  )
 }
+/** A matmul timed both ways. */
+const reportMatmul = (op: string, shape: string, flops: number, run: () => void) =>
+  report(op, shape, flops, time(run), timeQueued(run))
 
 /** matmul args for row-major C [M, N] = op(A)·op(B), packed. */
 const mm = (M: number, N: number, K: number, ta: number, tb: number, cdtype = BF16) => [
@@ -61,12 +87,7 @@ const mm = (M: number, N: number, K: number, ta: number, tb: number, cdtype = BF
   const n = 8192
   const [a, b] = [randomBuffer(n * n), randomBuffer(n * n)]
   const cbuf = emptyBuffer(n * n, 2)
-  report(
-    "matmul bf16",
-    `${n}³`,
-    2 * n ** 3,
-    time(() => exec("matmul", [a, b, cbuf], mm(n, n, n, 0, 0))),
-  )
+  reportMatmul("matmul bf16", `${n}³`, 2 * n ** 3, () => exec("matmul", [a, b, cbuf], mm(n, n, n, 0, 0)))
   for (const id of [a, b, cbuf]) be.free(id)
 }
 const tokens = 16384
@@ -85,25 +106,12 @@ for (const [din, dout] of [
   const flops = 2 * tokens * din * dout
   const shape = `${tokens}×(${din}→${dout})`
   // y = x·Wᵀ: M tokens, N out, K in
-  report(
-    "linear fwd",
-    shape,
-    flops,
-    time(() => exec("matmul", [x, w, y], mm(tokens, dout, din, 0, 1))),
-  )
+  reportMatmul("linear fwd", shape, flops, () => exec("matmul", [x, w, y], mm(tokens, dout, din, 0, 1)))
   // dx = dy·W: M tokens, N in, K out
-  report(
-    "linear dgrad",
-    shape,
-    flops,
-    time(() => exec("matmul", [y, w, dx], mm(tokens, din, dout, 0, 0))),
-  )
+  reportMatmul("linear dgrad", shape, flops, () => exec("matmul", [y, w, dx], mm(tokens, din, dout, 0, 0)))
   // dW = dyᵀ·x: M out, N in, K tokens, float32 out
-  report(
-    "linear wgrad",
-    shape,
-    flops,
-    time(() => exec("matmul", [y, x, dw], mm(dout, din, tokens, 1, 0, F32))),
+  reportMatmul("linear wgrad", shape, flops, () =>
+    exec("matmul", [y, x, dw], mm(dout, din, tokens, 1, 0, F32)),
   )
   for (const id of [x, w, y, dx, dw]) be.free(id)
 }

@@ -16,15 +16,16 @@ export const commit = (): string => {
 
 export const cpuName = (): string => `${cpus()[0]?.model ?? "cpu"} (${cpus().length} cores)`
 
-export const printTable = (rows: ReadonlyArray<Record<string, string | number>>): void => {
-  const cols = Object.keys(rows[0] ?? {})
-  const cell = (v: string | number) =>
-    typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(2)) : v
-  const width = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]!).length)))
+export const printTable = (rows: ReadonlyArray<Record<string, string | number | undefined>>): void => {
+  // Every column any row has, in first-seen order; a row without one shows a blank cell.
+  const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))]
+  const cell = (v: string | number | undefined) =>
+    v === undefined ? "" : typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(2)) : v
+  const width = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)))
   const line = (vals: string[]) => vals.map((v, i) => v.padStart(width[i]!)).join("  ")
   console.log(line(cols))
   console.log(line(width.map((w) => "-".repeat(w))))
-  for (const r of rows) console.log(line(cols.map((c) => cell(r[c]!))))
+  for (const r of rows) console.log(line(cols.map((c) => cell(r[c]))))
 }
 
 export const writeResult = (name: string, device: string, body: Record<string, unknown>): string => {
