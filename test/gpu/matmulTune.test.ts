@@ -15,41 +15,10 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { loadNative, type NativeBackend } from "../../src/native/index.ts"
+import { fromBf16, gpus, makeUniform, toBf16 } from "./kit.ts"
 
-const gpus = (() => {
-  try {
-    return loadNative().cudaProbe().devices
-  } catch {
-    return 0
-  }
-})()
+const uniform = makeUniform(4242)
 
-let seed = 4242
-const uniform = () => {
-  seed = (Math.imul(seed, 1103515245) + 12345) >>> 0
-  return seed / 2 ** 32
-}
-
-const f32 = new Float32Array(1)
-const u32 = new Uint32Array(f32.buffer)
-/** float32 → bfloat16 bits, round to nearest even (inputs here are finite and bf16-exact). */
-const toBf16 = (x: ArrayLike<number>) => {
-  const out = new Uint16Array(x.length)
-  for (let i = 0; i < x.length; i++) {
-    f32[0] = x[i]!
-    const u = u32[0]!
-    out[i] = Number.isNaN(x[i]!) ? 0x7fc0 : ((u + 0x7fff + ((u >>> 16) & 1)) / 65536) & 0xffff
-  }
-  return out
-}
-const fromBf16 = (h: Uint16Array) => {
-  const out = new Float32Array(h.length)
-  for (let i = 0; i < h.length; i++) {
-    u32[0] = h[i]! << 16
-    out[i] = f32[0]!
-  }
-  return out
-}
 /** n values uniform in ±1, never zero, rounded to bfloat16. */
 const randBf16 = (n: number) =>
   fromBf16(

@@ -10,22 +10,11 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { translateNativeError } from "../../src/layers/nativeBackend.ts"
 import { loadNative, type NativeBackend } from "../../src/native/index.ts"
-
-const gpus = (() => {
-  try {
-    return loadNative().cudaProbe().devices
-  } catch {
-    return 0
-  }
-})()
+import { fromBf16, gpus, makeUniform, toBf16 } from "./kit.ts"
 
 // ---- host-side data ----
 
-let seed = 12345
-const uniform = () => {
-  seed = (Math.imul(seed, 1103515245) + 12345) >>> 0
-  return seed / 2 ** 32
-}
+const uniform = makeUniform(12345)
 /** Uniform in ±scale, never exactly zero. */
 const rand = (n: number, scale = 1) =>
   Float32Array.from({ length: n }, () => {
@@ -35,26 +24,6 @@ const rand = (n: number, scale = 1) =>
 const randInt = (n: number, lo: number, hi: number) =>
   Int32Array.from({ length: n }, () => lo + Math.floor(uniform() * (hi - lo)))
 
-const f32 = new Float32Array(1)
-const u32 = new Uint32Array(f32.buffer)
-const toBf16 = (x: ArrayLike<number>) => {
-  const out = new Uint16Array(x.length)
-  for (let i = 0; i < x.length; i++) {
-    f32[0] = x[i]!
-    const u = u32[0]!
-    out[i] =
-      (u & 0x7fffffff) > 0x7f800000 ? (u >>> 16) | 0x40 : ((u + 0x7fff + ((u >>> 16) & 1)) / 65536) & 0xffff
-  }
-  return out
-}
-const fromBf16 = (h: Uint16Array) => {
-  const out = new Float32Array(h.length)
-  for (let i = 0; i < h.length; i++) {
-    u32[0] = h[i]! << 16
-    out[i] = f32[0]!
-  }
-  return out
-}
 const roundBf16 = (x: ArrayLike<number>) => fromBf16(toBf16(x))
 
 /** ‖a − b‖ / ‖b‖ over the finite entries of b; ±∞ in b must be matched exactly; NaN fails. */
