@@ -216,8 +216,11 @@ export interface OptScalars {
 }
 
 /** Reads the device scalars (a host synchronisation: do it when printing). */
-export const readScalars = (state: OptState): OptScalars => {
-  const s = shardToHost(state.scalars, 0) as Float64Array
+export const readScalars = (state: OptState): OptScalars =>
+  scalarsOf(shardToHost(state.scalars, 0) as Float64Array)
+
+/** The scalars from their host copy (a read of `OptState.scalars`, e.g. one finished later). */
+export const scalarsOf = (s: Float64Array): OptScalars => {
   return {
     count: s[0]!,
     consecutiveNonFinite: s[1]!,

@@ -271,6 +271,24 @@ export const shardToHost = (arr: ShardedArray, position: number): HostArray => {
   return out
 }
 
+/**
+ * shardToHost in two halves: the copy is queued now, behind the work queued so far, and the
+ * returned finish waits for that work only (not for what is queued after the call). Where the
+ * backend has no such read, the read happens now and the finish hands it over.
+ */
+export const shardToHostLater = (arr: ShardedArray, position: number): (() => HostArray) => {
+  const later = arr.engine.backend.readLater?.(arr.buffer(position), 0, arr.bytesPerDevice)
+  if (!later) {
+    const now = shardToHost(arr, position)
+    return () => now
+  }
+  return () => {
+    const out = hostArray(arr.dtype, numel(arr.localShape))
+    new Uint8Array(out.buffer, out.byteOffset, out.byteLength).set(later())
+    return out
+  }
+}
+
 const intersect = (a: Slice, b: Slice): Slice | undefined => {
   const offsets: number[] = []
   const shape: number[] = []

@@ -10,6 +10,7 @@ import { fileURLToPath } from "node:url"
 import { Effect, Option, Schema } from "effect"
 import { configToJson, type ModelType, parameterCount } from "../core/config.ts"
 import { DataPosition } from "../core/data/position.ts"
+import type { HostArray } from "../core/dtype.ts"
 import type { DeviceError } from "../core/errors.ts"
 import { defaultLoraRules, initLora, loraPartitionRules, loraRank } from "../core/lora.ts"
 import type { Mesh } from "../core/mesh.ts"
@@ -26,14 +27,14 @@ import {
   initializeOptState,
   type Optimizer,
   type OptState,
-  readScalars,
   type Schedule,
+  scalarsOf,
   skipNonFinite,
   warmupCosine,
 } from "../core/optim.ts"
 import { specFor } from "../core/partitionRules.ts"
 import { totalPeakFlops } from "../core/peakFlops.ts"
-import { isShardedArray, type ShardedArray, shardToHost } from "../core/shardedArray.ts"
+import { isShardedArray, type ShardedArray, shardToHost, shardToHostLater } from "../core/shardedArray.ts"
 import { NamedSharding, P } from "../core/sharding.ts"
 import {
   countLossSpike,
@@ -158,6 +159,20 @@ export interface LoopOptions {
   readonly onStep?: (m: StepMetrics) => Effect.Effect<void>
   /** Called after every step with the state (a checkpointer decides whether to save). */
   readonly afterStep?: (s: TrainState) => Effect.Effect<void, unknown>
+  /**
+   * Whether afterStep reads the state after this step (a checkpoint is saved). Where it says no,
+   * the step's metrics may be read while the next step runs (see deferMetrics); absent, afterStep
+   * is assumed to read after every step.
+   */
+  readonly savesAt?: (step: number) => boolean
+  /**
+   * Read a logged step's loss and optimizer scalars once the next step is queued, waiting for
+   * that step only: the GPU then never idles while the host reads, builds the next batch and
+   * launches. Metrics arrive one step later; a run that fails on non-finite steps fails one step
+   * later. Default: on CUDA. Never with a loss-spike guard, at the last step, or at a step
+   * afterStep saves.
+   */
+  readonly deferMetrics?: boolean
   /** Skip a step whose loss spikes, judged before its update (a host synchronisation per step). */
   readonly lossSpikes?: LossSpikePolicy
   /**
@@ -248,64 +263,137 @@ export const trainLoop = (o: LoopOptions) => {
     let windowStart = start
     let windowTokens = 0
     let totalTokens = 0
-    while (stepIndex < o.maxSteps) {
-      const next = yield* o.data.next
-      if (Option.isNone(next)) break
-      const host = next.value
-      const placed = yield* placeBatch(engine, o.mesh, host)
-      const out = yield* step(stepIndex + 1, placed.batch).pipe(
-        Effect.ensuring(Effect.sync(() => disposeBatch(placed.batch))),
-      )
-      stepIndex++
-      windowTokens += host.tokens
-      totalTokens += host.tokens
-      // The loss is freed here, also when the metrics fail or the run is interrupted meanwhile.
-      yield* Effect.gen(function* () {
-        if (stepIndex % logEvery === 0 || stepIndex === o.maxSteps) {
-          const loss = Number(shardToHost(out.loss, 0)[0])
-          const scalars = readScalars(o.optState)
-          yield* checkFinite(o.optimizer, scalars)
-          const now = performance.now()
-          const tps = (windowTokens / (now - windowStart)) * 1000
-          const elapsed = (now - start) / 1000
-          const perStep = elapsed / (stepIndex - (o.startStep ?? 0))
-          last = {
-            step: stepIndex,
-            loss,
-            learningRate: scalars.learningRate,
-            gradNorm: scalars.gradNorm,
-            tokens: totalTokens,
-            tokensPerSecond: tps,
-            ...(o.peakFlops ? { mfu: (tps * flops) / o.peakFlops } : {}),
-            skippedSteps: scalars.totalNonFinite,
-            ...(scalars.lossSpikes > 0 || spikes ? { skippedLossSpikes: scalars.lossSpikes } : {}),
-            elapsedSeconds: elapsed,
-            etaSeconds: perStep * (o.maxSteps - stepIndex),
-            epoch: host.epoch,
-            deviceMemory: memoryOf(devices, o.mesh),
-          }
-          for (const d of o.mesh.devices) devices.backend.resetPeak(d)
-          windowStart = now
-          windowTokens = 0
-          if (o.metricsFile) {
-            const path = o.metricsFile
-            const line = `${JSON.stringify(last)}\n`
-            yield* Effect.tryPromise({
-              try: () => appendFile(path, line),
-              catch: (e) => new MetricsFileError({ path, detail: String(e) }),
-            })
-          }
-          if (o.onStep) yield* o.onStep(last)
-        }
-      }).pipe(Effect.ensuring(Effect.sync(() => out.loss.dispose())))
-      if (o.afterStep)
-        yield* o.afterStep({
-          step: stepIndex,
-          params: o.params,
-          optState: o.optState,
-          dataPosition: host.position,
-        })
+    // The metrics of a logged step whose reads were started but not yet finished: they finish
+    // once the next step is queued, waiting for their own step only, so the GPU is never idle
+    // while the host reads a loss, builds the next batch and launches the next step.
+    interface Deferred {
+      readonly step: number
+      readonly loss: ShardedArray
+      readonly readLoss: () => HostArray
+      readonly readScalars: () => HostArray
+      readonly tokens: number
+      readonly epoch: number
     }
+    let deferred: Deferred | undefined
+    const report = (d: Deferred) =>
+      Effect.gen(function* () {
+        const loss = Number(d.readLoss()[0])
+        const scalars = scalarsOf(d.readScalars() as Float64Array)
+        yield* checkFinite(o.optimizer, scalars)
+        const now = performance.now()
+        const tps = (windowTokens / (now - windowStart)) * 1000
+        const elapsed = (now - start) / 1000
+        const perStep = elapsed / (d.step - (o.startStep ?? 0))
+        last = {
+          step: d.step,
+          loss,
+          learningRate: scalars.learningRate,
+          gradNorm: scalars.gradNorm,
+          tokens: d.tokens,
+          tokensPerSecond: tps,
+          ...(o.peakFlops ? { mfu: (tps * flops) / o.peakFlops } : {}),
+          skippedSteps: scalars.totalNonFinite,
+          ...(scalars.lossSpikes > 0 || spikes ? { skippedLossSpikes: scalars.lossSpikes } : {}),
+          elapsedSeconds: elapsed,
+          etaSeconds: perStep * (o.maxSteps - d.step),
+          epoch: d.epoch,
+          deviceMemory: memoryOf(devices, o.mesh),
+        }
+        for (const dev of o.mesh.devices) devices.backend.resetPeak(dev)
+        windowStart = now
+        windowTokens = 0
+        if (o.metricsFile) {
+          const path = o.metricsFile
+          const line = `${JSON.stringify(last)}\n`
+          yield* Effect.tryPromise({
+            try: () => appendFile(path, line),
+            catch: (e) => new MetricsFileError({ path, detail: String(e) }),
+          })
+        }
+        if (o.onStep) yield* o.onStep(last)
+      }).pipe(Effect.ensuring(Effect.sync(() => d.loss.dispose())))
+    const flush = Effect.suspend(() => {
+      const d = deferred
+      deferred = undefined
+      return d ? report(d) : Effect.void
+    })
+    // Deferring is safe where nothing reads the state between steps: no spike guard (it reads
+    // each loss before the update) and no afterStep that will read it (a checkpoint save).
+    const mayDefer = (n: number) =>
+      (o.deferMetrics ?? devices.backend.platform === "cuda") &&
+      !guarded &&
+      n !== o.maxSteps &&
+      (!o.afterStep || (o.savesAt !== undefined && !o.savesAt(n)))
+    const loop = Effect.gen(function* () {
+      while (stepIndex < o.maxSteps) {
+        const next = yield* o.data.next
+        if (Option.isNone(next)) break
+        const host = next.value
+        const placed = yield* placeBatch(engine, o.mesh, host)
+        const out = yield* step(stepIndex + 1, placed.batch).pipe(
+          Effect.ensuring(Effect.sync(() => disposeBatch(placed.batch))),
+        )
+        stepIndex++
+        // Until report or `deferred` takes it, the loss is freed here, also when the metrics
+        // fail or the run is interrupted meanwhile.
+        let owned = true
+        yield* Effect.gen(function* () {
+          // The previous step's metrics, now that this step is queued behind them.
+          yield* flush
+          windowTokens += host.tokens
+          totalTokens += host.tokens
+          if (stepIndex % logEvery === 0 || stepIndex === o.maxSteps) {
+            const loss = out.loss
+            const d = { step: stepIndex, loss, tokens: totalTokens, epoch: host.epoch }
+            owned = false
+            if (mayDefer(stepIndex))
+              deferred = {
+                ...d,
+                readLoss: shardToHostLater(loss, 0),
+                readScalars: shardToHostLater(o.optState.scalars, 0),
+              }
+            else
+              yield* report({
+                ...d,
+                readLoss: () => shardToHost(loss, 0),
+                readScalars: () => shardToHost(o.optState.scalars, 0),
+              })
+          }
+          if (o.afterStep)
+            yield* o.afterStep({
+              step: stepIndex,
+              params: o.params,
+              optState: o.optState,
+              dataPosition: host.position,
+            })
+        }).pipe(
+          Effect.ensuring(
+            Effect.sync(() => {
+              if (owned) out.loss.dispose()
+            }),
+          ),
+        )
+      }
+      yield* flush
+    })
+    yield* loop.pipe(
+      Effect.ensuring(
+        Effect.sync(() => {
+          // A run that ends early still finishes the started reads (their pinned slots are
+          // reused) before it frees the loss.
+          const d = deferred
+          deferred = undefined
+          if (!d) return
+          try {
+            d.readLoss()
+            d.readScalars()
+          } catch {
+            // The run is already ending with its own error; a failed read adds nothing.
+          }
+          d.loss.dispose()
+        }),
+      ),
+    )
     return { lastMetrics: last, steps: stepIndex }
   }).pipe(Effect.ensuring(Effect.sync(() => disposers.splice(0).forEach((d) => d()))))
 }
@@ -341,6 +429,8 @@ export interface TrainOptions extends Omit<Hyperparameters, "totalSteps"> {
   readonly gradientCheckpointing?: boolean
   /** Replay steps as a CUDA graph (default true; no effect on the CPU). */
   readonly cudaGraph?: boolean
+  /** See LoopOptions.deferMetrics (default: on CUDA). */
+  readonly deferMetrics?: boolean
   /** Train LoRA pairs of this rank (and alpha) on every layer projection, the base frozen. */
   readonly lora?: { readonly rank: number; readonly alpha: number }
   readonly lossSpikes?: LossSpikePolicy
@@ -546,6 +636,8 @@ export const runTraining = (o: TrainOptions) =>
       ...(o.metricsFile ? { metricsFile: o.metricsFile } : {}),
       ...(o.logEvery ? { logEvery: o.logEvery } : {}),
       ...(o.onStep ? { onStep: o.onStep } : {}),
+      ...(o.deferMetrics !== undefined ? { deferMetrics: o.deferMetrics } : {}),
+      savesAt: (step) => ckpt.shouldSave(step, step === stopAt),
       afterStep: (s) =>
         ckpt.shouldSave(s.step, s.step === stopAt)
           ? ckpt.save(
