@@ -1,6 +1,7 @@
 /** Shared test helpers: layers for a CPU mesh with the fixture Hub, references, error norms. */
 import { join } from "node:path"
 import { Effect, Layer, type Scope } from "effect"
+import type { Backend } from "../src/core/backend.ts"
 import type { Engine } from "../src/core/engine.ts"
 import { makeMesh } from "../src/core/mesh.ts"
 import type { HostTokenBatch } from "../src/core/models/batch.ts"
@@ -23,6 +24,27 @@ export const runCpu = <A, E>(
       Effect.provide(Layer.mergeAll(CpuRuntime({ devices }), Hub.localDirectory(join(fixtures, "hf")))),
     ),
   )
+
+/**
+ * Counts by name the ops `backend.exec` runs (on the CPU also every jit replay and graph launch)
+ * from now until `restore`.
+ */
+export const countOps = (backend: Backend) => {
+  const counts = new Map<string, number>()
+  const target = backend as Backend & { exec: Backend["exec"] }
+  const exec = target.exec.bind(backend)
+  target.exec = (op, buffers, args) => {
+    counts.set(op, (counts.get(op) ?? 0) + 1)
+    exec(op, buffers, args)
+  }
+  return {
+    count: (op: string) => counts.get(op) ?? 0,
+    reset: () => counts.clear(),
+    restore: () => {
+      target.exec = exec
+    },
+  }
+}
 
 /** Runs f with the engine of a CPU backend of `devices` devices. */
 export const withEngine = (devices: number, f: (engine: Engine) => void) =>

@@ -10,7 +10,6 @@
  */
 import { Effect } from "effect"
 import { describe, expect, it } from "vitest"
-import type { Backend } from "../../src/core/backend.ts"
 import { defaultLoraRules, initLora } from "../../src/core/lora.ts"
 import { placeBatch } from "../../src/core/models/batch.ts"
 import { LlamaForCausalLM, type Params } from "../../src/core/models/decoder.ts"
@@ -19,7 +18,7 @@ import { copyOverlaps, fromHost, shardToHost, toHost } from "../../src/core/shar
 import { makeLoraTrainStep, makeTrainStep } from "../../src/core/train.ts"
 import { Devices } from "../../src/layers/Devices.ts"
 import { loadModelHub } from "../../src/layers/loadModel.ts"
-import { mesh, runCpu } from "../helpers.ts"
+import { countOps, mesh, runCpu } from "../helpers.ts"
 import { makeBatch } from "../parallel/equivalenceRun.ts"
 
 const STEPS = 5
@@ -53,13 +52,7 @@ const run = (o: RunOptions) =>
       const st = yield* initializeOptState(opt, params, rules, m)
       const step = makeTrainStep(model, opt, { graph: o.graph, shadows: o.shadows })
       // Counts the casts each step runs (replays and graph launches go through the same backend).
-      const backend = engine.backend as Backend & { exec: Backend["exec"] }
-      const exec = backend.exec.bind(backend)
-      let casts = 0
-      backend.exec = (op, buffers, args) => {
-        if (op === "cast") casts++
-        exec(op, buffers, args)
-      }
+      const ops = countOps(engine.backend)
       const host = makeBatch(model.config.vocabSize)
       const losses: number[] = []
       const castsPerStep: number[] = []
@@ -84,14 +77,14 @@ const run = (o: RunOptions) =>
           }
           const ids = host.inputIds.map((t, i) => (t === 0 ? 0 : 3 + ((t + 7 * s + i) % 200)))
           const { batch } = yield* placeBatch(engine, m, { ...host, inputIds: ids })
-          casts = 0
+          ops.reset()
           const out = yield* step(params, st, batch)
-          castsPerStep.push(casts)
+          castsPerStep.push(ops.count("cast"))
           losses.push(Number(shardToHost(out.loss, 0)[0]))
           out.loss.dispose()
         }
       } finally {
-        backend.exec = exec
+        ops.restore()
       }
       const result = {
         losses,
@@ -176,13 +169,7 @@ const runLora = (shadows: boolean, graph: boolean) =>
       const opt = chain(clipByGlobalNorm(1), adamw({ lr: 1e-2 }))
       const st = yield* initializeOptState(opt, lora, rules, m)
       const step = makeLoraTrainStep(model, opt, params, 8, { graph, shadows })
-      const backend = engine.backend as Backend & { exec: Backend["exec"] }
-      const exec = backend.exec.bind(backend)
-      let casts = 0
-      backend.exec = (op, buffers, args) => {
-        if (op === "cast") casts++
-        exec(op, buffers, args)
-      }
+      const ops = countOps(engine.backend)
       const host = makeBatch(model.config.vocabSize)
       const losses: number[] = []
       const castsPerStep: number[] = []
@@ -190,14 +177,14 @@ const runLora = (shadows: boolean, graph: boolean) =>
         for (let s = 0; s < STEPS; s++) {
           const ids = host.inputIds.map((t, i) => (t === 0 ? 0 : 3 + ((t + 5 * s + i) % 200)))
           const { batch } = yield* placeBatch(engine, m, { ...host, inputIds: ids })
-          casts = 0
+          ops.reset()
           const out = yield* step(lora, st, batch)
-          castsPerStep.push(casts)
+          castsPerStep.push(ops.count("cast"))
           losses.push(Number(shardToHost(out.loss, 0)[0]))
           out.loss.dispose()
         }
       } finally {
-        backend.exec = exec
+        ops.restore()
       }
       const result = {
         losses,
