@@ -9,6 +9,7 @@ import type { Engine } from "./engine.ts"
 import { attempt } from "./errors.ts"
 import { type Jitted, jit } from "./jit.ts"
 import type { CausalLM, Params, TokenBatch } from "./models/decoder.ts"
+import { execEach } from "./ops/local.ts"
 import { applyUpdates, type Optimizer, type OptState } from "./optim.ts"
 import { numel } from "./shape.ts"
 import { allocateArray, type ShardedArray } from "./shardedArray.ts"
@@ -34,6 +35,17 @@ export interface StepOptions {
   readonly shadows?: boolean
 }
 
+/** f with castTo reading shadows[name] for params[name] (Engine.withCastShadows), where given. */
+const readingShadows = <A>(params: Params, shadows: Params | undefined, f: () => A): A => {
+  const engine = Object.values(params)[0]?.engine
+  return shadows && engine
+    ? engine.withCastShadows(
+        new Map(Object.keys(shadows).map((name) => [params[name]!, shadows[name]!] as const)),
+        f,
+      )
+    : f()
+}
+
 /** One step's loss, gradients and update; with shadows, castTo reads them and adamw writes them. */
 const stepBody = (
   model: CausalLM,
@@ -45,15 +57,9 @@ const stepBody = (
   shadows: Params | undefined,
 ): StepResult => {
   const remat = options.remat ?? false
-  const lossAndGrads = () => valueAndGrad((p: Params) => model.loss(p, batch, { remat }))(params)
-  const engine = Object.values(params)[0]?.engine
-  const { value, grads } =
-    shadows && engine
-      ? engine.withCastShadows(
-          new Map(Object.keys(shadows).map((name) => [params[name]!, shadows[name]!] as const)),
-          lossAndGrads,
-        )
-      : lossAndGrads()
+  const { value, grads } = readingShadows(params, shadows, () =>
+    valueAndGrad((p: Params) => model.loss(p, batch, { remat }))(params),
+  )
   applyUpdates(optimizer, params, grads, optState, shadows)
   for (const g of Object.values(grads)) g.dispose()
   return { params, optState, loss: value }
@@ -145,15 +151,13 @@ class CastShadows {
 
 /** dst = cast(src) on every device, outside any recording (the real backend). */
 const castInto = (engine: Engine, src: ShardedArray, dst: ShardedArray): void =>
-  engine.untracked(() => {
-    const n = numel(src.localShape)
-    for (let p = 0; p < src.mesh.size; p++)
-      engine.backend.exec(
-        "cast",
-        [src.buffer(p), dst.buffer(p)],
-        [dtypeCode(src.dtype), dtypeCode(dst.dtype), n],
-      )
-  })
+  engine.untracked(() =>
+    execEach(engine, src, "cast", (p) => [src.buffer(p), dst.buffer(p)], [
+      dtypeCode(src.dtype),
+      dtypeCode(dst.dtype),
+      numel(src.localShape),
+    ]),
+  )
 
 export interface TrainStep extends Jitted<[Params, OptState, TokenBatch], StepResult> {
   /** Casts the kept compute-dtype copies again before the next call (parameters written elsewhere). */
@@ -215,20 +219,13 @@ export const makeLoraTrainStep = (
       optState: OptState,
       batch: TokenBatch,
     ): { lora: Params; optState: OptState; loss: ShardedArray } => {
-      const lossAndGrads = () =>
-        valueAndGrad((p: Params) =>
-          model.loss(base, batch, { lora: { params: p, alpha }, remat: options.remat ?? false }),
-        )(lora)
       // Made outside the recording (engine.untracked): every replay reads these very buffers.
       const sh = (options.shadows ?? true) ? shadows.sync(base, model.computeDtype) : undefined
-      const engine = Object.values(base)[0]?.engine
-      const { value, grads } =
-        sh && engine
-          ? engine.withCastShadows(
-              new Map(Object.keys(sh).map((name) => [base[name]!, sh[name]!] as const)),
-              lossAndGrads,
-            )
-          : lossAndGrads()
+      const { value, grads } = readingShadows(base, sh, () =>
+        valueAndGrad((p: Params) =>
+          model.loss(base, batch, { lora: { params: p, alpha }, remat: options.remat ?? false }),
+        )(lora),
+      )
       applyUpdates(optimizer, lora, grads, optState)
       for (const g of Object.values(grads)) g.dispose()
       return { lora, optState, loss: value }
