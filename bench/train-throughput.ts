@@ -22,7 +22,7 @@ import { disposeBatch, type HostTokenBatch, placeBatch } from "../src/core/model
 import { LlamaForCausalLM, type TokenBatch } from "../src/core/models/decoder.ts"
 import { initParams } from "../src/core/models/init.ts"
 import { adamw, chain, clipByGlobalNorm, initializeOptState, warmupCosine } from "../src/core/optim.ts"
-import { type ShardedArray, shardToHost } from "../src/core/shardedArray.ts"
+import { type ShardedArray, shardToHostLater } from "../src/core/shardedArray.ts"
 import { makeTrainStep } from "../src/core/train.ts"
 import { CudaRuntime, createDeviceMesh, DefaultRuntime, Devices } from "../src/layers/Devices.ts"
 import { flopsPerToken } from "../src/layers/Training.ts"
@@ -134,8 +134,8 @@ const program = Effect.gen(function* () {
   // The loss read starts as soon as its step is queued and finishes a step later, waiting for
   // that step only (a plain read would wait for the step queued after it too).
   const startRead = (loss: ShardedArray): (() => number) => {
-    const later = engine.backend.readLater?.(loss.buffer(0), 0, 4)
-    return later ? () => new Float32Array(later().slice().buffer)[0]! : () => Number(shardToHost(loss, 0)[0])
+    const finish = shardToHostLater(loss, 0)
+    return () => Number(finish()[0])
   }
   const settle = (p: Pending) => {
     losses.push(p.read())
