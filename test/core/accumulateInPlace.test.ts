@@ -9,7 +9,6 @@
 import { Effect } from "effect"
 import { afterEach, describe, expect, it } from "vitest"
 import { setAccumulateInPlace, valueAndGrad } from "../../src/core/autodiff.ts"
-import type { Backend } from "../../src/core/backend.ts"
 import type { Engine } from "../../src/core/engine.ts"
 import type { Mesh } from "../../src/core/mesh.ts"
 import { placeBatch } from "../../src/core/models/batch.ts"
@@ -23,7 +22,7 @@ import { fromHost, type ShardedArray, shardToHost, toHost } from "../../src/core
 import { NamedSharding, P, type PartitionSpec } from "../../src/core/sharding.ts"
 import { Devices } from "../../src/layers/Devices.ts"
 import { loadModelHub } from "../../src/layers/loadModel.ts"
-import { mesh, relErr, runCpu, withEngine } from "../helpers.ts"
+import { countOps, mesh, relErr, runCpu, withEngine } from "../helpers.ts"
 import { makeBatch } from "../parallel/equivalenceRun.ts"
 
 afterEach(() => {
@@ -31,26 +30,13 @@ afterEach(() => {
 })
 
 /** Runs f with every op the engine executes counted by name. */
-const countOps = <A>(engine: Engine, f: () => A): { result: A; ops: Map<string, number> } => {
-  const ops = new Map<string, number>()
-  const inner = engine.backend
-  const counting = new Proxy(inner, {
-    get(target, key, receiver) {
-      if (key === "exec")
-        return (
-          op: string,
-          buffers: Parameters<Backend["exec"]>[1],
-          args: Parameters<Backend["exec"]>[2],
-        ) => {
-          ops.set(op, (ops.get(op) ?? 0) + 1)
-          target.exec(op, buffers, args)
-        }
-      const v: unknown = Reflect.get(target, key, receiver)
-      return typeof v === "function" ? v.bind(target) : v
-    },
-  })
-  const result = engine.withBackend(counting, f)
-  return { result, ops }
+const counted = <A>(engine: Engine, f: () => A) => {
+  const ops = countOps(engine.backend)
+  try {
+    return { result: f(), ops }
+  } finally {
+    ops.restore()
+  }
 }
 
 let seed = 11
@@ -121,14 +107,14 @@ const layerGrads = (devices: [number, number], inPlace: boolean, checkpoint: boo
       return weightedSum(y, W!)
     }
     setAccumulateInPlace(inPlace)
-    const forward = countOps(engine, () => engine.tidy(() => void loss(differentiated)))
-    const { result, ops } = countOps(engine, () =>
+    const forward = counted(engine, () => engine.tidy(() => void loss(differentiated)))
+    const { result, ops } = counted(engine, () =>
       engine.tidy(() => {
         const { grads } = valueAndGrad(loss)(differentiated)
         return Object.fromEntries(Object.entries(grads).map(([k, g]) => [k, toHost(g) as Float64Array]))
       }),
     )
-    out = { grads: result, adds: ops.get("add") ?? 0, forwardAdds: forward.ops.get("add") ?? 0 }
+    out = { grads: result, adds: ops.count("add"), forwardAdds: forward.ops.count("add") }
   }).then(() => out!)
 }
 
@@ -172,10 +158,8 @@ describe("Llama fixture", () => {
         )
         const { batch } = yield* placeBatch(engine, m, makeBatch(model.config.vocabSize))
         setAccumulateInPlace(inPlace)
-        const forward = countOps(engine, () =>
-          engine.tidy(() => shardToHost(model.loss(params, batch), 0)[0]),
-        )
-        const { result, ops } = countOps(engine, () =>
+        const forward = counted(engine, () => engine.tidy(() => shardToHost(model.loss(params, batch), 0)[0]))
+        const { result, ops } = counted(engine, () =>
           engine.tidy(() => {
             const { value, grads } = valueAndGrad((p: Params) => model.loss(p, batch))(params)
             return {
@@ -189,7 +173,7 @@ describe("Llama fixture", () => {
         return {
           ...result,
           layers: model.config.numHiddenLayers,
-          backwardAdds: (ops.get("add") ?? 0) - (forward.ops.get("add") ?? 0),
+          backwardAdds: ops.count("add") - forward.ops.count("add"),
         }
       }),
     )
